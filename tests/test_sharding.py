@@ -1,0 +1,59 @@
+"""A train step on 8 fake CPU devices (data=4, fsdp=2) equals the 1-device step."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from tokpost_jax import sharding as shd
+from tokpost_jax.config_lib import load_config_file
+from tokpost_jax.data import make_train_iterator
+from tokpost_jax.train.tokenizer import TokenizerStage
+
+# fp32 reductions are split differently across shards, so results agree to rounding, not bits.
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-5
+
+
+def _two_steps(mesh_axes, devices, batches):
+    cfg = load_config_file("configs/tokenizer.py", "micro")
+    mesh = shd.make_mesh(mesh_axes, devices)
+    rules = shd.rules_tuple(cfg.sharding_rules)
+    stage = TokenizerStage(cfg, 40, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        abstract = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
+        sharding = shd.logical_shardings(abstract, mesh, rules)
+        state = jax.jit(lambda r: nn.unbox(stage.init(r)), out_shardings=sharding)(
+            jax.random.PRNGKey(0))
+        bsh = shd.batch_sharding(mesh, rules)
+        step = jax.jit(stage.train_step, in_shardings=(sharding, bsh, shd.replicated(mesh)),
+                       out_shardings=(sharding, shd.replicated(mesh)), donate_argnums=(0,))
+        losses = []
+        for b in batches:
+            state, metrics = step(state, shd.host_to_global(b, bsh), jax.random.PRNGKey(1))
+            losses.append(float(metrics["loss"]))
+        fc1 = state.params["vit_encoder"]["transformer"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+        return losses, jax.device_get(state.params), fc1.sharding
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+def test_sharded_step_equals_single_device():
+    cfg = load_config_file("configs/tokenizer.py", "micro")
+    it = make_train_iterator(cfg.data, seed=0, host_batch_size=cfg.batch_size,
+                             process_index=0, process_count=1)
+    batches = [next(it) for _ in range(2)]
+    loss1, params1, _ = _two_steps({"data": 1, "fsdp": 1}, jax.devices()[:1], batches)
+    loss8, params8, fc1_sharding = _two_steps({"data": 4, "fsdp": 2}, jax.devices()[:8], batches)
+    assert fc1_sharding.spec[0] == "fsdp"  # parameters really are split over fsdp
+    np.testing.assert_allclose(loss8, loss1, rtol=LOSS_RTOL)
+    diffs = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), params1, params8)
+    assert max(jax.tree.leaves(diffs)) < PARAM_ATOL
+
+
+def test_mesh_from_config():
+    mesh = shd.make_mesh({"data": -1, "fsdp": 2}, jax.devices()[:8])
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        shd.make_mesh({"data": 3, "fsdp": 2}, jax.devices()[:8])
+    with pytest.raises(ValueError, match="at most one axis"):
+        shd.make_mesh({"data": -1, "fsdp": -1})

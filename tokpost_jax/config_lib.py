@@ -1,0 +1,68 @@
+"""Pieces shared by the files in ``configs/``: architecture sizes, sharding defaults, config I/O.
+
+Architecture shapes (ViT-B is 768 wide, 12 deep) are facts about a network, not paper
+hyperparameters, so they live here once; every training hyperparameter lives in one config file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+# ViT sizes: width, depth, heads, MLP width. "B" is ViT-B/16 as used by RobusTok's encoder/decoder.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "micro": dict(width=32, depth=1, num_heads=2, mlp_dim=64),
+    "tiny": dict(width=64, depth=2, num_heads=2, mlp_dim=256),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+
+# Logical axis → mesh axes. Batch is split over data and fsdp; with fsdp > 1 every parameter's
+# "embed" dimension is sharded over fsdp (ZeRO-3 style), activations stay batch-sharded only.
+DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", None),
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("qkv", None),
+    ("heads_merged", None),
+    ("patch", None),
+    ("latent", None),
+    ("code", None),
+    ("codebook", None),
+)
+
+
+def vit(size: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """A ViT size as a ConfigDict with drop-path and LayerScale fields added."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"Unknown ViT size {size!r}; known: {sorted(VIT_SIZES)}")
+    cfg = dict(VIT_SIZES[size], drop_path=0.0, layerscale_init=config_dict.placeholder(float))
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def mesh(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
+    """Mesh axes in order; override from the command line with ``--config.mesh.fsdp=2``."""
+    return ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Loads ``configs/x.py:arg`` outside absl (tests, notebooks) exactly as the flag would."""
+    if arg is None and ":" in os.path.basename(path):
+        path, arg = path.rsplit(":", 1)
+    spec = importlib.util.spec_from_file_location("_tokpost_config", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"No config file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    cfg.lock()
+    return cfg

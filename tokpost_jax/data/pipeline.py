@@ -1,0 +1,298 @@
+"""Config → deterministic, per-host-sharded, resumable grain pipelines.
+
+Train: source → host shard ``[process_index::process_count]`` → shuffle →
+repeat (reshuffled every epoch) → random_map (crop/flip, grain's per-record
+rng) → batch → to_iter_dataset (thread prefetch) → optional mp_prefetch.
+
+Everything up to the batch is a grain ``MapDataset``, so batch ``k`` is a pure
+function of (config, seed, host, k): the iterator state is just a batch
+counter, resuming is exact, and the batches do not depend on
+`prefetch_threads` or `worker_count` (each grain worker produces whole
+batches). Batching before `to_iter_dataset` is deliberate: with per-element
+batching after `mp_prefetch` the batch composition would depend on the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from tokpost_jax.data.builtin import (
+    BUILTIN_NAMES,
+    PhotoTrainSource,
+    builtin_source,
+    random_photo_patch,
+)
+from tokpost_jax.data.preprocess import (
+    center_crop,
+    maybe_flip,
+    random_crop,
+    to_float,
+    to_rgb_uint8,
+)
+from tokpost_jax.data.sources import (
+    DataError,
+    FolderSource,
+    folder_class_names,
+    open_tfds_source,
+)
+
+__all__ = [
+    "DataError",
+    "EvalTransform",
+    "TrainTransform",
+    "eval_batches",
+    "make_source",
+    "make_train_iterator",
+    "num_examples",
+]
+
+_SHUFFLE_STREAM = 0
+_AUGMENT_STREAM = 1
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_source(data_cfg: Any, split: str):
+    """The random-access source (``__len__``/``__getitem__``) of one split.
+
+    Why public: tests and tools inspect raw records; the pipeline uses it too.
+    """
+    name = data_cfg.name
+    if name in BUILTIN_NAMES:
+        return builtin_source(name, split)
+    if name == "folder":
+        classes = folder_class_names(data_cfg.data_dir, data_cfg.train_split)
+        return FolderSource(data_cfg.data_dir, split, classes)
+    return open_tfds_source(
+        name,
+        split,
+        data_dir=data_cfg.data_dir,
+        manual_dir=data_cfg.manual_dir,
+        builtin_names=(*BUILTIN_NAMES, "folder"),
+    )
+
+
+def _derive_seed(seed: int, process_index: int, stream: int) -> int:
+    """A uint32 seed per (user seed, host, purpose).
+
+    Why: hosts must not draw identical augmentations for their k-th record,
+    and shuffle seeds of nearby user seeds must not coincide (grain reseeds
+    epochs with seed + epoch, so seed=0 epoch 1 would equal seed=1 epoch 0).
+    """
+    return int(np.random.SeedSequence([seed, process_index, stream]).generate_state(1)[0])
+
+
+def _check_args(data_cfg: Any, host_batch_size: int, process_index: int, process_count: int):
+    if not isinstance(data_cfg.image_size, int) or data_cfg.image_size < 1:
+        raise DataError(f"data_cfg.image_size must be a positive int, got {data_cfg.image_size!r}")
+    if host_batch_size < 1:
+        raise DataError(f"host_batch_size must be >= 1, got {host_batch_size}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise DataError(
+            f"need 0 <= process_index < process_count, got {process_index} and {process_count}"
+        )
+    if data_cfg.worker_count < 0 or data_cfg.prefetch_threads < 0:
+        raise DataError(
+            "data_cfg.worker_count and data_cfg.prefetch_threads must be >= 0, got "
+            f"{data_cfg.worker_count} and {data_cfg.prefetch_threads}"
+        )
+
+
+def _to_iter(ds: grain.MapDataset, data_cfg: Any) -> grain.IterDataset:
+    """Thread prefetch of whole batches, plus worker processes when asked."""
+    threads = int(data_cfg.prefetch_threads)
+    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2, 2 * threads))
+    it_ds = ds.to_iter_dataset(read_options)
+    if data_cfg.worker_count > 0:
+        # grain 0.2.18's mp_prefetch reads an absl flag (worker profiling) and
+        # fails with UnparsedFlagAccessError unless flags were parsed, i.e. when
+        # not running under absl.app (pytest, notebooks). Parsed flags are left
+        # alone; otherwise grain's flags take their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=int(data_cfg.worker_count))
+        )
+    return it_ds
+
+
+def _float_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """uint8 → float32 [-1, 1] once per batch: one vectorised op instead of one per record."""
+    out = dict(batch)
+    out["image"] = to_float(batch["image"])
+    return out
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+class TrainTransform(grain.transforms.RandomMap):
+    """Per-record train augmentation driven by grain's per-record rng.
+
+    Why a class: it must pickle into spawned grain workers. Order of random
+    draws: [photo patch] → crop scale → crop position → flip coin.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        min_crop_frac: float,
+        max_crop_frac: float,
+        random_flip: bool,
+        photo_patch: bool = False,
+    ):
+        self.image_size = image_size
+        self.min_crop_frac = float(min_crop_frac)
+        self.max_crop_frac = float(max_crop_frac)
+        self.random_flip = bool(random_flip)
+        self.photo_patch = photo_patch
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        if self.photo_patch:
+            element = random_photo_patch(element, rng)
+        img = to_rgb_uint8(element["image"])
+        img = random_crop(img, self.image_size, rng, self.min_crop_frac, self.max_crop_frac)
+        img = maybe_flip(img, rng, self.random_flip)
+        return {"image": img, "label": np.int32(element["label"])}
+
+
+class EvalTransform(grain.transforms.Map):
+    """Deterministic eval view: ADM center crop; `mask` marks real records."""
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        img = center_crop(to_rgb_uint8(element["image"]), self.image_size)
+        return {"image": img, "label": np.int32(element["label"]), "mask": np.bool_(True)}
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def num_examples(data_cfg: Any, split: str) -> int:
+    """Number of records in the whole split (all hosts; ignores num_eval_examples).
+
+    For 'photos' the train split is virtual (fixed length, PHOTO_TRAIN_LENGTH).
+    """
+    return len(make_source(data_cfg, split))
+
+
+def make_train_iterator(
+    data_cfg: Any,
+    *,
+    seed: int,
+    host_batch_size: int,
+    process_index: int,
+    process_count: int,
+) -> grain.DatasetIterator:
+    """Infinite iterator of this host's train batches.
+
+    Yields {'image': float32 [host_batch_size, S, S, 3] in [-1, 1],
+    'label': int32 [host_batch_size]}. Each epoch of this host's shard is
+    reshuffled deterministically from `seed`; a batch may straddle an epoch
+    boundary (no record is dropped). ``it.get_state()`` is JSON-serialisable
+    and ``set_state`` on a fresh iterator built with the same arguments
+    resumes bit-exactly.
+    """
+    _check_args(data_cfg, host_batch_size, process_index, process_count)
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise DataError(f"seed must be a non-negative int, got {seed!r}")
+    source = make_source(data_cfg, data_cfg.train_split)
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) == 0:
+        raise DataError(
+            f"train split {data_cfg.train_split!r} of {data_cfg.name!r} has {len(source)} "
+            f"records, too few to give each of {process_count} hosts at least one"
+        )
+    transform = TrainTransform(
+        data_cfg.image_size,
+        data_cfg.min_crop_frac,
+        data_cfg.max_crop_frac,
+        data_cfg.random_flip,
+        photo_patch=isinstance(source, PhotoTrainSource),
+    )
+    if not 0.0 < transform.min_crop_frac <= transform.max_crop_frac <= 1.0:
+        raise DataError(
+            "need 0 < data_cfg.min_crop_frac <= data_cfg.max_crop_frac <= 1, got "
+            f"{transform.min_crop_frac} and {transform.max_crop_frac}"
+        )
+    ds = (
+        ds.shuffle(seed=_derive_seed(int(seed), process_index, _SHUFFLE_STREAM))
+        .repeat(None)  # infinite; the shuffle reseeds itself every epoch
+        .random_map(transform, seed=_derive_seed(int(seed), process_index, _AUGMENT_STREAM))
+        .batch(host_batch_size, drop_remainder=True)
+        .map(_float_batch)
+    )
+    return iter(_to_iter(ds, data_cfg))
+
+
+def eval_batches(
+    data_cfg: Any, *, host_batch_size: int, process_index: int, process_count: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """This host's share of the eval split, in a fixed order, padded.
+
+    The eval set is the first `num_eval_examples` records of the split (all
+    if None); host h gets records h, h + process_count, ... Yields
+    {'image' float32 [b,S,S,3], 'label' int32 [b], 'mask' bool [b]} with
+    b = host_batch_size; padding rows are zeros with mask False. Every host
+    yields ceil(ceil(N / process_count) / b) batches, appending all-padding
+    batches where its share is shorter, so multi-host jitted eval never hangs.
+    """
+    _check_args(data_cfg, host_batch_size, process_index, process_count)
+    source = make_source(data_cfg, data_cfg.eval_split)
+    ds = grain.MapDataset.source(source)
+    limit = data_cfg.num_eval_examples
+    if limit is not None:
+        if not 0 < limit <= len(ds):
+            raise DataError(
+                f"data_cfg.num_eval_examples={limit} but eval split {data_cfg.eval_split!r} "
+                f"of {data_cfg.name!r} has {len(ds)} records; use 1..{len(ds)} or None"
+            )
+        ds = ds[:limit]
+    total = len(ds)
+    num_batches = math.ceil(math.ceil(total / process_count) / host_batch_size)
+    share = ds[process_index::process_count]
+    return _padded_eval(data_cfg, share, host_batch_size, num_batches)
+
+
+def _padded_eval(
+    data_cfg: Any, share: grain.MapDataset, batch_size: int, num_batches: int
+) -> Iterator[dict[str, np.ndarray]]:
+    size = data_cfg.image_size
+    emitted = 0
+    if len(share) > 0:
+        ds = share.map(EvalTransform(size)).batch(batch_size, drop_remainder=False)
+        it = iter(_to_iter(ds.map(_float_batch), data_cfg))
+        try:
+            for batch in it:
+                n = len(batch["label"])
+                if n < batch_size:
+                    pad = batch_size - n
+                    batch = {
+                        "image": np.concatenate(
+                            [batch["image"], np.zeros((pad, size, size, 3), np.float32)]
+                        ),
+                        "label": np.concatenate([batch["label"], np.zeros(pad, np.int32)]),
+                        "mask": np.concatenate([batch["mask"], np.zeros(pad, np.bool_)]),
+                    }
+                emitted += 1
+                yield batch
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+    for _ in range(num_batches - emitted):
+        yield {
+            "image": np.zeros((batch_size, size, size, 3), np.float32),
+            "label": np.zeros(batch_size, np.int32),
+            "mask": np.zeros(batch_size, np.bool_),
+        }

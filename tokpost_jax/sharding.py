@@ -1,0 +1,93 @@
+"""Device mesh from config, logical-axis → mesh-axis rules, and host-local → global batches.
+
+Parameters carry logical axis names (``nn.with_logical_partitioning``); the config's
+``sharding_rules`` map them onto mesh axes, so FSDP vs pure data parallelism is a config change.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with named axes in the given order; one size may be -1 ("all remaining devices")."""
+    devices = list(jax.devices() if devices is None else devices)
+    names = tuple(axes.keys())
+    sizes = [int(s) for s in axes.values()]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(axes)}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(axes)} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
+                         f"have {len(devices)}")
+    try:
+        grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        grid = np.asarray(devices).reshape(sizes)  # e.g. a subset of devices in tests
+    return Mesh(grid, names)
+
+
+def rules_tuple(rules: Rules) -> tuple[tuple[str, Any], ...]:
+    """Config rules (lists from JSON/flags) as the hashable tuples flax expects."""
+    out = []
+    for name, target in rules:
+        if isinstance(target, list):
+            target = tuple(target)
+        out.append((name, target))
+    return tuple(out)
+
+
+def strip_boxes(tree: Any) -> Any:
+    """Removes ``nn.Partitioned`` boxes without adding sharding constraints (for abstract trees)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False)
+                        if isinstance(x, nn.meta.AxisMetadata) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a tree whose leaves may be ``nn.Partitioned`` boxes (unboxed structure)."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
+
+
+def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
+    """Mesh axes the batch dimension is split over: whatever the rules give ``act_batch``."""
+    target = dict(rules_tuple(rules)).get("act_batch")
+    if target is None:
+        return ()
+    return (target,) if isinstance(target, str) else tuple(target)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh, rules)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_split_size(mesh: Mesh, rules: Rules) -> int:
+    """Number of batch shards; the global batch must be a multiple of it."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def host_to_global(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """Assembles each host's slice of the batch into one global array per key (multi-host safe)."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }

@@ -1,0 +1,67 @@
+"""Optimizers and schedules from config: AdamW + warmup/cosine (optax), clipping, EMA, decay masks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+# Parameter-name fragments that never get weight decay (biases and norms are caught by ndim < 2).
+NO_DECAY_NAMES: tuple[str, ...] = (
+    "embed", "token", "cls", "pos", "level", "gamma", "norm", "embedding",
+)
+
+
+def lr_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from ``warmup_init_lr`` to ``lr``, then cosine to ``min_lr`` at ``total_steps``."""
+    warmup = int(optim_cfg.warmup_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=float(optim_cfg.warmup_init_lr),
+        peak_value=float(optim_cfg.lr),
+        warmup_steps=warmup,
+        decay_steps=max(int(total_steps), warmup + 1),
+        end_value=float(optim_cfg.min_lr),
+    )
+
+
+def _leaf_value(x: Any) -> Any:
+    return x.value if isinstance(x, nn.meta.AxisMetadata) else x
+
+
+def weight_decay_mask(params: Any, exclude: Sequence[str] = NO_DECAY_NAMES) -> Any:
+    """True for parameters that get weight decay: ndim ≥ 2 and no excluded name in their path."""
+
+    def decide(path: tuple, leaf: Any) -> bool:
+        name = "/".join(str(getattr(p, "key", p)) for p in path).lower()
+        if _leaf_value(leaf).ndim < 2:
+            return False
+        return not any(fragment in name for fragment in exclude)
+
+    return jax.tree_util.tree_map_with_path(
+        decide, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def adamw(optim_cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
+          decay_mask: Any = weight_decay_mask) -> optax.GradientTransformation:
+    """Global-norm clipping (when ``clip_grad_norm`` > 0) followed by AdamW."""
+    parts = []
+    if optim_cfg.clip_grad_norm and optim_cfg.clip_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_grad_norm)))
+    parts.append(optax.adamw(
+        schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
+        weight_decay=float(optim_cfg.weight_decay), mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
+    """ema ← decay·ema + (1 − decay)·params, leafwise in the params' dtype."""
+    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
+
+
+def global_norm(tree: Any) -> jax.Array:
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
