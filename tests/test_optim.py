@@ -11,8 +11,17 @@ from tokpost_jax.train import optim
 
 
 def _cfg(**kw):
-    base = dict(lr=1e-3, warmup_init_lr=1e-5, warmup_steps=10, min_lr=1e-4, b1=0.9, b2=0.95,
-                weight_decay=0.0, clip_grad_norm=0.0, ema_decay=0.9)
+    base = dict(
+        lr=1e-3,
+        warmup_init_lr=1e-5,
+        warmup_steps=10,
+        min_lr=1e-4,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.0,
+        clip_grad_norm=0.0,
+        ema_decay=0.9,
+    )
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
@@ -48,11 +57,17 @@ def test_clipping_is_applied():
 
 
 def test_weight_decay_mask():
-    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
-              "pos_embed": jnp.ones((1, 4, 2)), "norm": {"scale": jnp.ones(2)}}
+    params = {
+        "dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+        "pos_embed": jnp.ones((1, 4, 2)),
+        "norm": {"scale": jnp.ones(2)},
+    }
     mask = optim.weight_decay_mask(params)
-    assert mask == {"dense": {"kernel": True, "bias": False}, "pos_embed": False,
-                    "norm": {"scale": False}}
+    assert mask == {
+        "dense": {"kernel": True, "bias": False},
+        "pos_embed": False,
+        "norm": {"scale": False},
+    }
 
 
 def test_ema_update():

@@ -41,7 +41,9 @@ def test_straight_through_gradient_is_identity_through_normalisation(quantizer_a
 
 def test_loss_values_on_hand_case():
     q = L2VectorQuantizer(codebook_size=2, code_dim=2, commit_weight=0.25)
-    params = {"params": {"embedding": jnp.array([[1.0, 0.0], [0.0, 2.0]])}}  # rows normalised at use
+    params = {
+        "params": {"embedding": jnp.array([[1.0, 0.0], [0.0, 2.0]])}
+    }  # rows normalised at use
     z = jnp.array([[[3.0, 4.0]]])  # → (0.6, 0.8), nearest code (0, 1)
     out = q.apply(params, z)
     assert int(out.indices[0, 0]) == 1
@@ -68,4 +70,6 @@ def test_lookup_matches_forward(quantizer_and_params):
     out = q.apply(params, z)
     np.testing.assert_allclose(
         np.asarray(q.apply(params, out.indices, method=L2VectorQuantizer.lookup)),
-        np.asarray(out.quantized), atol=1e-6)
+        np.asarray(out.quantized),
+        atol=1e-6,
+    )

@@ -24,10 +24,15 @@ def _two_steps(mesh_axes, devices, batches):
         abstract = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
         sharding = shd.logical_shardings(abstract, mesh, rules)
         state = jax.jit(lambda r: nn.unbox(stage.init(r)), out_shardings=sharding)(
-            jax.random.PRNGKey(0))
+            jax.random.PRNGKey(0)
+        )
         bsh = shd.batch_sharding(mesh, rules)
-        step = jax.jit(stage.train_step, in_shardings=(sharding, bsh, shd.replicated(mesh)),
-                       out_shardings=(sharding, shd.replicated(mesh)), donate_argnums=(0,))
+        step = jax.jit(
+            stage.train_step,
+            in_shardings=(sharding, bsh, shd.replicated(mesh)),
+            out_shardings=(sharding, shd.replicated(mesh)),
+            donate_argnums=(0,),
+        )
         losses = []
         for b in batches:
             state, metrics = step(state, shd.host_to_global(b, bsh), jax.random.PRNGKey(1))
@@ -39,8 +44,9 @@ def _two_steps(mesh_axes, devices, batches):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_sharded_step_equals_single_device():
     cfg = load_config_file("configs/tokenizer.py", "micro")
-    it = make_train_iterator(cfg.data, seed=0, host_batch_size=cfg.batch_size,
-                             process_index=0, process_count=1)
+    it = make_train_iterator(
+        cfg.data, seed=0, host_batch_size=cfg.batch_size, process_index=0, process_count=1
+    )
     batches = [next(it) for _ in range(2)]
     loss1, params1, _ = _two_steps({"data": 1, "fsdp": 1}, jax.devices()[:1], batches)
     loss8, params8, fc1_sharding = _two_steps({"data": 4, "fsdp": 2}, jax.devices()[:8], batches)

@@ -28,8 +28,14 @@ def _env() -> dict:
 
 
 def _cmd(workdir, *overrides) -> list[str]:
-    return [sys.executable, "-m", "tokpost_jax.main", f"--config={MICRO}", f"--workdir={workdir}",
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "tokpost_jax.main",
+        f"--config={MICRO}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
 
 
 def test_micro_training_learns_on_real_digits(tmp_path):
@@ -54,13 +60,21 @@ def _complete_steps(workdir) -> list[int]:
 
 
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
-    overrides = ["--config.total_steps=60", "--config.checkpoint_every_steps=10",
-                 "--config.eval_every_steps=1000"]
+    overrides = [
+        "--config.total_steps=60",
+        "--config.checkpoint_every_steps=10",
+        "--config.eval_every_steps=1000",
+    ]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_cmd(ref, *overrides), env=_env(), check=True, capture_output=True, cwd=REPO)
 
-    proc = subprocess.Popen(_cmd(killed, *overrides), env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(killed, *overrides),
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not [s for s in _complete_steps(killed) if s >= 20]:
         time.sleep(0.05)
@@ -70,8 +84,9 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
     steps_at_kill = _complete_steps(killed)
     assert steps_at_kill and max(steps_at_kill) < 60, steps_at_kill
 
-    resumed = subprocess.run(_cmd(killed, *overrides), env=_env(), capture_output=True, text=True,
-                             cwd=REPO)
+    resumed = subprocess.run(
+        _cmd(killed, *overrides), env=_env(), capture_output=True, text=True, cwd=REPO
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stderr
     for key in ("params", "ema_params"):
@@ -99,13 +114,17 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.data.name=not_a_dataset", "not_a_dataset"),
-    ("--config.data.name=folder", "data_dir"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.data.name=not_a_dataset", "not_a_dataset"),
+        ("--config.data.name=folder", "data_dir"),
+    ],
+)
 def test_bad_dataset_is_one_clear_error(tmp_path, override, message):
-    out = subprocess.run(_cmd(tmp_path / "w", override), env=_env(), capture_output=True, text=True,
-                         cwd=REPO)
+    out = subprocess.run(
+        _cmd(tmp_path / "w", override), env=_env(), capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     err_lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]

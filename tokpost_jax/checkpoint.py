@@ -1,10 +1,10 @@
 """The one place that talks to Orbax: train state, data-iterator position and config per step.
 
 Each checkpoint is a composite of ``state`` (the sharded train state), ``data`` (the input iterator
-state as JSON) and ``config`` (the run's config as JSON). Orbax writes into a temporary directory and
-renames it when complete, so a kill mid-save never leaves a half checkpoint behind; a checkpoint that
-is corrupt anyway (bad disk, truncated copy) is skipped on restore with a warning, falling back to
-the previous one.
+state as JSON) and ``config`` (the run's config as JSON). Orbax writes into a temporary directory
+and renames it when complete, so a kill mid-save never leaves a half checkpoint behind; a
+checkpoint that is corrupt anyway (bad disk, truncated copy) is skipped on restore with a
+warning, falling back to the previous one.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """A thin wrapper over ``ocp.CheckpointManager`` (so a later Orbax V1 switch stays local)."""
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-                 asynchronous: bool = True) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, *, max_to_keep: int = 3, asynchronous: bool = True
+    ) -> None:
         self.directory = epath.Path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -56,7 +57,7 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores one step onto ``abstract_state`` (ShapeDtypeStructs carrying target shardings)."""
+        """Restores one step onto ``abstract_state`` (ShapeDtypeStructs with target shardings)."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -81,16 +82,26 @@ class Checkpointer:
             try:
                 state, data_state = self.restore(step, abstract_state)
             except Exception as e:  # Orbax/tensorstore raise many types for corrupt data.
-                logging.warning("Checkpoint at step %d in %s is unreadable (%s: %s); falling back to "
-                                "the previous one.", step, self.directory, type(e).__name__, e)
+                logging.warning(
+                    "Checkpoint at step %d in %s is unreadable (%s: %s); falling back to "
+                    "the previous one.",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    e,
+                )
                 failures.append(f"step {step}: {type(e).__name__}: {e}")
                 continue
             if failures:
-                logging.warning("Resumed from step %d after skipping %d unreadable checkpoint(s).",
-                                step, len(failures))
+                logging.warning(
+                    "Resumed from step %d after skipping %d unreadable checkpoint(s).",
+                    step,
+                    len(failures),
+                )
             return step, state, data_state
         raise CheckpointError(
-            f"All checkpoints in {self.directory} are unreadable:\n  " + "\n  ".join(failures)
+            f"All checkpoints in {self.directory} are unreadable:\n  "
+            + "\n  ".join(failures)
             + "\nMove the directory away to start fresh, or repair/restore it from a backup."
         )
 
@@ -102,8 +113,9 @@ class Checkpointer:
         self._manager.close()
 
 
-def load_params(directory: str | os.PathLike, *, key: str = "ema_params",
-                step: int | None = None) -> Any:
+def load_params(
+    directory: str | os.PathLike, *, key: str = "ema_params", step: int | None = None
+) -> Any:
     """Reads one sub-tree (``params`` or ``ema_params``) of another run's checkpoint, as numpy.
 
     Used for warm starts and by downstream stages (pretokenization, post-training) that need a
@@ -112,8 +124,11 @@ def load_params(directory: str | os.PathLike, *, key: str = "ema_params",
     directory = epath.Path(directory)
     if not directory.exists():
         raise CheckpointError(f"No checkpoint directory at {directory}.")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
-                                    options=ocp.CheckpointManagerOptions(create=False))
+    manager = ocp.CheckpointManager(
+        directory,
+        item_names=("state", "data", "config"),
+        options=ocp.CheckpointManagerOptions(create=False),
+    )
     try:
         steps = sorted(manager.all_steps())
         if not steps:
@@ -125,6 +140,8 @@ def load_params(directory: str | os.PathLike, *, key: str = "ema_params",
     state = restored["state"]
     tree = state.get(key) if isinstance(state, dict) else getattr(state, key, None)
     if tree is None:
-        raise CheckpointError(f"Checkpoint {directory} step {step} has no '{key}' "
-                              f"(has: {sorted(state) if isinstance(state, dict) else type(state)}).")
+        raise CheckpointError(
+            f"Checkpoint {directory} step {step} has no '{key}' "
+            f"(has: {sorted(state) if isinstance(state, dict) else type(state)})."
+        )
     return jax.tree.map(lambda x: x, tree)

@@ -16,7 +16,7 @@ from ml_collections import config_dict
 # ViT sizes: width, depth, heads, MLP width. "B" is ViT-B/16 as used by RobusTok's encoder/decoder.
 VIT_SIZES: dict[str, dict[str, int]] = {
     "micro": dict(width=32, depth=1, num_heads=2, mlp_dim=64),
-    "tiny": dict(width=64, depth=2, num_heads=2, mlp_dim=256),
+    "tiny": dict(width=128, depth=3, num_heads=4, mlp_dim=512),
     "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
     "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),

@@ -42,7 +42,7 @@ def interleave_rows(top: np.ndarray, bottom: np.ndarray, ncols: int) -> np.ndarr
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-    """Writes a uint8 [H, W, 3] (or [H, W]) array losslessly, via a temp file so it is never torn."""
+    """Writes a uint8 [H, W, 3] array as PNG via a temp file, so a reader never sees half a file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     Image.fromarray(np.asarray(image)).save(tmp, format="PNG")

@@ -1,8 +1,8 @@
 r"""Entry point: ``python -m tokpost_jax.main --config=configs/<file>.py:<arg> --workdir=<dir>``.
 
 Parses flags, sets up (multi-host) JAX and hands the config to the trainer the config names.
-Overrides use ml_collections syntax (``--config.optim.lr=1e-4``); the config is locked, so a typo in a
-key is an error that names the key.
+Overrides use ml_collections syntax (``--config.optim.lr=1e-4``); the config is locked, so a typo
+in a key is an error that names the key.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ TRAINERS = {
     "tokenizer": "tokpost_jax.train.tokenizer:TokenizerStage",
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tokenizer.py:demo",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and images go; a rerun "
-                               "with the same workdir resumes.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/tokenizer.py:demo", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, logs and images go; a rerun with the same workdir resumes."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,13 +37,14 @@ def stage_class(trainer: str) -> type:
 
 
 class _QuietLibraries(pylogging.Filter):
-    """Drops INFO chatter of Orbax/tensorstore (hundreds of lines per save); keeps their warnings."""
+    """Drops Orbax/tensorstore INFO chatter (hundreds of lines per save); keeps warnings."""
 
     NOISY = ("/orbax/", "/tensorstore/")
 
     def filter(self, record: pylogging.LogRecord) -> bool:
         return record.levelno >= pylogging.WARNING or not any(
-            n in record.pathname for n in self.NOISY)
+            n in record.pathname for n in self.NOISY
+        )
 
 
 def summary_table(history: list[dict], workdir: str) -> str:
@@ -50,10 +53,12 @@ def summary_table(history: list[dict], workdir: str) -> str:
     keys = sorted(k for k in final if k != "step")
     lines = [f"{'metric':<34}{'step ' + str(first['step']):>14}{'step ' + str(final['step']):>14}"]
     lines += [f"{k:<34}{first.get(k, float('nan')):>14.4f}{final[k]:>14.4f}" for k in keys]
-    return (f"Done. Workdir: {workdir}\n"
-            f"  reconstructions (PNG): {os.path.join(workdir, 'images')}\n"
-            f"  metrics: {os.path.join(workdir, 'eval_history.jsonl')}, "
-            f"tensorboard --logdir {workdir}\n" + "\n".join(lines))
+    return (
+        f"Done. Workdir: {workdir}\n"
+        f"  reconstructions (PNG): {os.path.join(workdir, 'images')}\n"
+        f"  metrics: {os.path.join(workdir, 'eval_history.jsonl')}, "
+        f"tensorboard --logdir {workdir}\n" + "\n".join(lines)
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -32,8 +32,10 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
             raise ValueError(f"mesh {dict(axes)} does not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
-                         f"have {len(devices)}")
+        raise ValueError(
+            f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+            f"have {len(devices)}"
+        )
     try:
         grid = mesh_utils.create_device_mesh(sizes, devices=devices)
     except (AssertionError, ValueError, NotImplementedError):
@@ -53,13 +55,15 @@ def rules_tuple(rules: Rules) -> tuple[tuple[str, Any], ...]:
 
 def strip_boxes(tree: Any) -> Any:
     """Removes ``nn.Partitioned`` boxes without adding sharding constraints (for abstract trees)."""
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False)
-                        if isinstance(x, nn.meta.AxisMetadata) else x,
-                        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
-    """NamedShardings for a tree whose leaves may be ``nn.Partitioned`` boxes (unboxed structure)."""
+    """NamedShardings for a tree whose leaves may be ``nn.Partitioned`` boxes (unboxed shape)."""
     specs = nn.get_partition_spec(abstract_boxed)
     return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
 

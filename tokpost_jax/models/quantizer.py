@@ -81,3 +81,29 @@ class L2VectorQuantizer(nn.Module):
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Unit code vectors for given indices (the decode path)."""
         return jnp.take(self.normalized_codebook(), indices, axis=0)
+
+
+def update_code_usage(usage: jax.Array, indices: jax.Array, decay: float) -> jax.Array:
+    """EMA of each code's share of the assignments (sums to 1); used to find dead codes."""
+    counts = jnp.bincount(indices.reshape(-1), length=usage.shape[0]).astype(jnp.float32)
+    return decay * usage + (1.0 - decay) * counts / jnp.maximum(counts.sum(), 1.0)
+
+
+def restart_dead_codes(
+    rng: jax.Array, embedding: jax.Array, usage: jax.Array, features: jax.Array, min_usage: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Re-seeds codes whose usage share is below ``min_usage``/K with random current features.
+
+    A from-scratch encoder maps every token to a few directions at first, so the codebook
+    collapses to a handful of codes; re-seeding the unused ones at real features brings them back
+    into play. Returns (embedding, usage with restarted codes reset to 1/K, number restarted).
+    """
+    k = embedding.shape[0]
+    dead = usage < (min_usage / k)
+    flat = features.reshape(-1, features.shape[-1]).astype(embedding.dtype)
+    picks = jax.random.randint(rng, (k,), 0, flat.shape[0])
+    # Norm of the stored row is irrelevant (rows are normalised at use); keep the codebook's scale.
+    scale = jnp.mean(jnp.linalg.norm(embedding, axis=-1))
+    embedding = jnp.where(dead[:, None], flat[picks] * scale, embedding)
+    usage = jnp.where(dead, 1.0 / k, usage)
+    return embedding, usage, jnp.sum(dead)

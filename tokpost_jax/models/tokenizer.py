@@ -1,4 +1,4 @@
-"""RobusTok's ViT VQ tokenizer (robustok.md §2): latent-token ViT encoder → L2 VQ → mask-token decoder.
+"""RobusTok's ViT VQ tokenizer (robustok.md §2): latent-token encoder → L2 VQ → mask-token decoder.
 
 Encoder input: [cls, patches] + pos  ++  latent tokens + the same 2-D pos, with a level embedding
 (0 for image tokens, 1 for latents); its output is the last ``num_latent_tokens`` positions.
@@ -32,7 +32,7 @@ LatentHook = Callable[[Quantized, jax.Array], jax.Array]
 
 
 def _square_grid(num_tokens: int) -> tuple[int, int]:
-    side = int(round(np.sqrt(num_tokens)))
+    side = round(np.sqrt(num_tokens))
     if side * side != num_tokens:
         raise ValueError(f"num_latent_tokens={num_tokens} must be a square number")
     return side, side
@@ -46,7 +46,9 @@ class _TokenEmbeddings(nn.Module):
 
     def setup(self) -> None:
         self.cls_token = self.param(
-            "cls_token", logical(nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, self.width)
+            "cls_token",
+            logical(nn.initializers.normal(1e-6), (None, None, "embed")),
+            (1, 1, self.width),
         )
         self.pos_embed = self.param(
             "pos_embed",
@@ -55,7 +57,9 @@ class _TokenEmbeddings(nn.Module):
         )
         self.level_embed = self.param(
             "level_embed",
-            logical(nn.initializers.truncated_normal(np.sqrt(1.0 / (3 * self.width))), (None, "embed")),
+            logical(
+                nn.initializers.truncated_normal(np.sqrt(1.0 / (3 * self.width))), (None, "embed")
+            ),
             (2, self.width),
         )
 
@@ -103,14 +107,21 @@ class ViTEncoder(nn.Module):
         latents = jnp.broadcast_to(latents[None], (batch, *latents.shape)).astype(self.dtype)
 
         x = jnp.concatenate(
-            [image_tokens + emb.level_embed[0].astype(self.dtype),
-             latents + emb.level_embed[1].astype(self.dtype)],
+            [
+                image_tokens + emb.level_embed[0].astype(self.dtype),
+                latents + emb.level_embed[1].astype(self.dtype),
+            ],
             axis=1,
         )
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         x = Transformer(
-            self.depth, self.num_heads, self.mlp_dim, self.drop_path, self.layerscale_init,
-            dtype=self.dtype, name="transformer",
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.drop_path,
+            self.layerscale_init,
+            dtype=self.dtype,
+            name="transformer",
         )(x, deterministic)
         return x[:, -self.num_latent_tokens :]
 
@@ -136,7 +147,9 @@ class ViTDecoder(nn.Module):
         num_patches = grid * grid
         emb = _TokenEmbeddings(self.width, num_patches, name="embeddings")
         mask_token = self.param(
-            "mask_token", logical(nn.initializers.normal(1e-6), (None, None, "embed")), (1, 1, self.width)
+            "mask_token",
+            logical(nn.initializers.normal(1e-6), (None, None, "embed")),
+            (1, 1, self.width),
         )
         cls = jnp.broadcast_to(emb.cls_token, (batch, 1, self.width)).astype(self.dtype)
         masks = jnp.broadcast_to(mask_token, (batch, num_patches, self.width)).astype(self.dtype)
@@ -149,14 +162,21 @@ class ViTDecoder(nn.Module):
         latent_part = latent_part + latent_pos[None].astype(self.dtype)
 
         x = jnp.concatenate(
-            [image_part + emb.level_embed[0].astype(self.dtype),
-             latent_part + emb.level_embed[1].astype(self.dtype)],
+            [
+                image_part + emb.level_embed[0].astype(self.dtype),
+                latent_part + emb.level_embed[1].astype(self.dtype),
+            ],
             axis=1,
         )
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         x = Transformer(
-            self.depth, self.num_heads, self.mlp_dim, self.drop_path, self.layerscale_init,
-            dtype=self.dtype, name="transformer",
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.drop_path,
+            self.layerscale_init,
+            dtype=self.dtype,
+            name="transformer",
         )(x, deterministic)
         pixels = nn.Dense(
             self.patch_size * self.patch_size * 3,
@@ -171,8 +191,8 @@ class ViTDecoder(nn.Module):
 class Tokenizer(nn.Module):
     """Encoder → quant projection (width→d) → L2 VQ → post-quant projection (d→width) → decoder.
 
-    Attributes mirror ``config.model`` (see ``configs/tokenizer.py``); ``encoder`` and ``decoder`` are
-    dicts of ViT sizes (width, depth, num_heads, mlp_dim, drop_path, layerscale_init).
+    Attributes mirror ``config.model`` (see ``configs/tokenizer.py``); ``encoder`` and ``decoder``
+    are dicts of ViT sizes (width, depth, num_heads, mlp_dim, drop_path, layerscale_init).
     """
 
     image_size: int

@@ -1,7 +1,8 @@
-"""The one training loop: state, sharding, checkpoints, logging, evaluation cadence, NaN checks, resume.
+"""The one training loop: state, sharding, checkpoints, logging, eval cadence, NaN checks, resume.
 
-A stage (tokenizer, generator, post-training, CODA) subclasses :class:`Stage` and contributes only its
-state initialisation, its pure train step and its evaluation; everything else happens here, once.
+A stage (tokenizer, generator, post-training, CODA) subclasses :class:`Stage` and contributes only
+its state initialisation, its pure train step and its evaluation; everything else happens here,
+once.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class NonFiniteLossError(FloatingPointError):
 class EvalResult(dict):
     """Scalars of one evaluation; ``images`` holds named uint8 grids [H, W, 3] to write as PNG."""
 
-    def __init__(self, scalars: Mapping[str, float], images: Mapping[str, np.ndarray] | None = None):
+    def __init__(
+        self, scalars: Mapping[str, float], images: Mapping[str, np.ndarray] | None = None
+    ):
         super().__init__(scalars)
         self.images = dict(images or {})
 
@@ -45,7 +48,9 @@ class EvalResult(dict):
 class Stage(abc.ABC):
     """What a training stage contributes to the loop. Methods are pure functions of their inputs."""
 
-    def __init__(self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh):
+    def __init__(
+        self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
+    ):
         self.config = config
         self.total_steps = total_steps
         self.mesh = mesh
@@ -55,18 +60,26 @@ class Stage(abc.ABC):
         """A fresh state whose parameters carry ``nn.Partitioned`` logical-axis boxes."""
 
     @abc.abstractmethod
-    def train_step(self, state: TrainState, batch: dict, rng: jax.Array
-                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(
+        self, state: TrainState, batch: dict, rng: jax.Array
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One update; ``rng`` is the run's base key (fold in ``state.step`` for per-step keys)."""
 
     @abc.abstractmethod
     def evaluate(self, state: TrainState, step: int) -> dict[str, EvalResult]:
         """Evaluator name → result; called by the loop at its cadence."""
 
+    def load_pretrained(self, state: TrainState) -> TrainState:
+        """Imports external weights named by the config into a fresh state (default: none)."""
+        return state
+
     def warm_start(self, state: TrainState, params: Any) -> TrainState:
         """Replaces parameters (and their EMA) with ``params`` from another run."""
-        params = jax.tree.map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
-                              params, state.params)
+        params = jax.tree.map(
+            lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
+            params,
+            state.params,
+        )
         return state.replace(params=params, ema_params=params)
 
 
@@ -74,19 +87,26 @@ def total_steps_from_config(config: ml_collections.ConfigDict) -> int:
     """``num_epochs`` over the train split if set, else ``total_steps``."""
     if config.get("num_epochs"):
         n = data_lib.num_examples(config.data, config.data.train_split)
-        return int(math.ceil(config.num_epochs * n / config.batch_size))
+        return math.ceil(config.num_epochs * n / config.batch_size)
     return int(config.total_steps)
 
 
 def _check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, rules: Any, what: str) -> None:
     shards = shd.batch_split_size(mesh, rules)
     if batch_size % jax.process_count() or batch_size % shards:
-        raise ValueError(f"{what}={batch_size} must be divisible by the number of hosts "
-                         f"({jax.process_count()}) and of batch shards ({shards}).")
+        raise ValueError(
+            f"{what}={batch_size} must be divisible by the number of hosts "
+            f"({jax.process_count()}) and of batch shards ({shards})."
+        )
 
 
-def _write_images(writer: metric_writers.MetricWriter, workdir: str, step: int, prefix: str,
-                  images: Mapping[str, np.ndarray]) -> None:
+def _write_images(
+    writer: metric_writers.MetricWriter,
+    workdir: str,
+    step: int,
+    prefix: str,
+    images: Mapping[str, np.ndarray],
+) -> None:
     if not images:
         return
     writer.write_images(step, {f"{prefix}/{k}": v[None] for k, v in images.items()})
@@ -97,14 +117,17 @@ def _write_images(writer: metric_writers.MetricWriter, workdir: str, step: int, 
             images_lib.save_png(grid, os.path.join(out, f"{prefix}_{name}_{step:07d}.png"))
 
 
-def run_evaluation(stage: Stage, state: TrainState, step: int, writer: Any, workdir: str
-                   ) -> dict[str, EvalResult]:
+def run_evaluation(
+    stage: Stage, state: TrainState, step: int, writer: Any, workdir: str
+) -> dict[str, EvalResult]:
     t0 = time.time()
     results = stage.evaluate(state, step)
     for name, res in results.items():
         writer.write_scalars(step, {f"{name}/{k}": v for k, v in res.items()})
         _write_images(writer, workdir, step, name, res.images)
-        logging.info("[eval %s @ %d] %s", name, step, ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
+        logging.info(
+            "[eval %s @ %d] %s", name, step, ", ".join(f"{k}={v:.4g}" for k, v in res.items())
+        )
     logging.info("Evaluation at step %d took %.1fs.", step, time.time() - t0)
     _append_eval_history(workdir, step, results)
     return results
@@ -142,25 +165,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
     """Runs (or resumes) a stage to ``total_steps``; returns the run's evaluation history."""
     os.makedirs(workdir, exist_ok=True)
     writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
     rules = shd.rules_tuple(config.sharding_rules)
     mesh = shd.make_mesh(config.mesh)
     _check_batch_size(config.batch_size, mesh, rules, "batch_size")
     total_steps = total_steps_from_config(config)
-    logging.info("Mesh %s over %d devices (%d hosts); %d steps.", dict(mesh.shape),
-                 jax.device_count(), jax.process_count(), total_steps)
+    logging.info(
+        "Mesh %s over %d devices (%d hosts); %d steps.",
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.process_count(),
+        total_steps,
+    )
 
     stage = stage_cls(config, total_steps, mesh)
     base_rng = jax.random.PRNGKey(config.seed)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+    )
     config_json = config.to_dict()
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(config.seed))
         state_sharding = shd.logical_shardings(abstract_boxed, mesh, rules)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                shd.strip_boxes(abstract_boxed), state_sharding)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            shd.strip_boxes(abstract_boxed),
+            state_sharding,
+        )
         restored = checkpointer.restore_latest(abstract)
         data_state: dict = {}
         if restored is not None:
@@ -169,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
         else:
             start_step = 0
             init_fn = jax.jit(lambda r: nn.unbox(stage.init(r)), out_shardings=state_sharding)
-            state = init_fn(jax.random.PRNGKey(config.seed))
+            state = stage.load_pretrained(init_fn(jax.random.PRNGKey(config.seed)))
             if config.get("init_from") and config.init_from.get("workdir"):
                 src = os.path.join(config.init_from.workdir, "checkpoints")
                 params = ckpt_lib.load_params(src, key=config.init_from.params_key)
@@ -181,21 +214,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
             writer.write_hparams({"total_steps": total_steps, "batch_size": config.batch_size})
 
         train_iter = data_lib.make_train_iterator(
-            config.data, seed=config.seed, host_batch_size=config.batch_size // jax.process_count(),
-            process_index=jax.process_index(), process_count=jax.process_count())
+            config.data,
+            seed=config.seed,
+            host_batch_size=config.batch_size // jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         if data_state:
             train_iter.set_state(data_state)
 
         batch_sharding = shd.batch_sharding(mesh, rules)
         repl = shd.replicated(mesh)
-        step_fn = jax.jit(stage.train_step,
-                          in_shardings=(state_sharding, batch_sharding, repl),
-                          out_shardings=(state_sharding, repl),
-                          donate_argnums=(0,))
+        step_fn = jax.jit(
+            stage.train_step,
+            in_shardings=(state_sharding, batch_sharding, repl),
+            out_shardings=(state_sharding, repl),
+            donate_argnums=(0,),
+        )
         base_rng = jax.device_put(base_rng, repl)
 
-        report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                                 every_steps=config.log_every_steps)
+        report = periodic_actions.ReportProgress(
+            num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+        )
         if start_step == 0:
             run_evaluation(stage, state, 0, writer, workdir)
 
@@ -212,7 +252,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
                 checkpointer.wait()
                 raise NonFiniteLossError(
                     f"Loss is {value} at step {step}; stopping. The last good checkpoint is step "
-                    f"{checkpointer.latest_step()} in {checkpointer.directory} (left untouched).")
+                    f"{checkpointer.latest_step()} in {checkpointer.directory} (left untouched)."
+                )
 
         try:
             for step in range(start_step + 1, total_steps + 1):
@@ -235,8 +276,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
                     scalars["img_per_sec"] = rate
                     scalars["eta_min"] = (total_steps - step) * config.batch_size / rate / 60
                     writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                    logging.info("[train @ %d/%d] %s", step, total_steps,
-                                 ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+                    logging.info(
+                        "[train @ %d/%d] %s",
+                        step,
+                        total_steps,
+                        ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()),
+                    )
                     accumulated, interval_t0, interval_start = None, time.time(), step
 
                 if step % config.checkpoint_every_steps == 0 or step == total_steps:
@@ -258,7 +303,8 @@ def _collection_for(metrics: Mapping[str, jax.Array]) -> Any:
     keys = tuple(sorted(metrics))
     if keys not in _COLLECTIONS:
         _COLLECTIONS[keys] = clu_metrics.Collection.create(
-            **{k: clu_metrics.Average.from_output(k) for k in keys})
+            **{k: clu_metrics.Average.from_output(k) for k in keys}
+        )
     return _COLLECTIONS[keys]
 
 

@@ -1,4 +1,4 @@
-"""Optimizers and schedules from config: AdamW + warmup/cosine (optax), clipping, EMA, decay masks."""
+"""Optimizers and schedules from config: AdamW + warmup/cosine, clipping, EMA, decay masks."""
 
 from __future__ import annotations
 
@@ -13,12 +13,19 @@ import optax
 
 # Parameter-name fragments that never get weight decay (biases and norms are caught by ndim < 2).
 NO_DECAY_NAMES: tuple[str, ...] = (
-    "embed", "token", "cls", "pos", "level", "gamma", "norm", "embedding",
+    "embed",
+    "token",
+    "cls",
+    "pos",
+    "level",
+    "gamma",
+    "norm",
+    "embedding",
 )
 
 
 def lr_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from ``warmup_init_lr`` to ``lr``, then cosine to ``min_lr`` at ``total_steps``."""
+    """Linear warmup from ``warmup_init_lr`` to ``lr``, cosine to ``min_lr`` at ``total_steps``."""
     warmup = int(optim_cfg.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=float(optim_cfg.warmup_init_lr),
@@ -43,18 +50,28 @@ def weight_decay_mask(params: Any, exclude: Sequence[str] = NO_DECAY_NAMES) -> A
         return not any(fragment in name for fragment in exclude)
 
     return jax.tree_util.tree_map_with_path(
-        decide, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+        decide, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)
+    )
 
 
-def adamw(optim_cfg: ml_collections.ConfigDict, schedule: optax.Schedule,
-          decay_mask: Any = weight_decay_mask) -> optax.GradientTransformation:
+def adamw(
+    optim_cfg: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+    decay_mask: Any = weight_decay_mask,
+) -> optax.GradientTransformation:
     """Global-norm clipping (when ``clip_grad_norm`` > 0) followed by AdamW."""
     parts = []
     if optim_cfg.clip_grad_norm and optim_cfg.clip_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_grad_norm)))
-    parts.append(optax.adamw(
-        schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-        weight_decay=float(optim_cfg.weight_decay), mask=decay_mask))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=float(optim_cfg.b1),
+            b2=float(optim_cfg.b2),
+            weight_decay=float(optim_cfg.weight_decay),
+            mask=decay_mask,
+        )
+    )
     return optax.chain(*parts)
 
 

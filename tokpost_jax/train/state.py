@@ -11,7 +11,7 @@ import jax
 
 @flax.struct.dataclass
 class TrainState:
-    """``step`` counts completed updates; ``extra`` holds stage-specific state (discriminator, …)."""
+    """``step`` counts completed updates; ``extra`` holds stage state (code usage, GAN state)."""
 
     step: jax.Array
     params: Any
