@@ -6,7 +6,7 @@ from ml_collections import config_flags
 
 from tokpost_jax.config_lib import load_config_file
 
-TOKENIZER_VARIANTS = ["demo", "photos", "micro", "imagenet"]
+TOKENIZER_VARIANTS = ["demo", "l2", "photos", "micro", "micro_gan"]
 
 
 def _parse(argv: list[str]):
@@ -53,8 +53,43 @@ def test_unknown_variant_is_an_error():
         load_config_file("configs/tokenizer.py", "imagenett")
 
 
-def test_imagenet_variant_has_paper_sizes():
-    cfg = load_config_file("configs/tokenizer.py", "imagenet")
+def _keys(cfg, prefix=""):
+    out = set()
+    for k, v in cfg.items():
+        out.add(prefix + k)
+        if hasattr(v, "items") and not isinstance(v, dict):
+            out |= _keys(v, prefix + k + ".")
+    return out
+
+
+def test_paper_config_has_the_same_fields_as_the_cpu_config():
+    paper = load_config_file("configs/robustok_imagenet.py")
+    demo = load_config_file("configs/tokenizer.py", "demo")
+    assert _keys(paper) == _keys(demo)
+
+
+def test_every_official_code_deviation_is_a_named_field():
+    """robustok.md §4–6 "(!)" items: each is a config field with the documented default."""
+    import importlib.util
+
+    cfg = load_config_file("configs/robustok_imagenet.py")
+    assert cfg.perturbation.exclude_clean is False
+    assert cfg.perturbation.neighbours == "feature"
+    assert cfg.perturbation.per_device_selection is True
+    assert cfg.semantic.student_perturbed is True
+    assert cfg.optim.clip_grad_norm == 0.0
+    assert cfg.gan.optim.lr == pytest.approx(8e-4)
+    assert (cfg.gan.start, cfg.schedule_unit) == (56, "epoch")
+    spec = importlib.util.spec_from_file_location("p", "configs/robustok_imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for field in ("exclude_clean", "neighbours", "per_device_selection", "student_perturbed",
+                  "clip_grad_norm", "gan.optim.lr"):
+        assert field in module.__doc__
+
+
+def test_imagenet_config_has_paper_values():
+    cfg = load_config_file("configs/robustok_imagenet.py")
     assert (cfg.model.codebook_size, cfg.model.code_dim, cfg.model.num_latent_tokens) == (
         4096,
         64,
@@ -62,3 +97,10 @@ def test_imagenet_variant_has_paper_sizes():
     )
     assert cfg.model.encoder.width == 768 and cfg.model.encoder.depth == 12
     assert cfg.batch_size == 1024 and cfg.optim.lr == pytest.approx(2.4e-4)
+    assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.ema_decay) == (0.9, 0.95, 0.9999)
+    assert cfg.num_epochs == 200 and cfg.model.encoder.layerscale_init == 1e-5
+    p = cfg.perturbation
+    assert (p.beta, p.alpha0, p.delta0, p.anneal_start, p.anneal_end, p.end_ratio) == (
+        0.1, 1.0, 100, 40, 120, 0.5)
+    assert (cfg.loss.lpips_weight, cfg.loss.semantic_weight, cfg.gan.weight) == (1.0, 0.1, 0.5)
+    assert (cfg.gan.lecam_weight, cfg.gan.discriminator) == (0.001, "dino")

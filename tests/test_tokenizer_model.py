@@ -94,7 +94,7 @@ def test_resize_grid_embedding_identity_and_shape():
 
 def test_vit_b_imagenet_shapes():
     """The paper-size config builds (abstractly) with the expected parameter count (~2x86M)."""
-    cfg = load_config_file("configs/tokenizer.py", "imagenet")
+    cfg = load_config_file("configs/robustok_imagenet.py")
     model = build_tokenizer(cfg)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 3)))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))

@@ -77,6 +77,7 @@ def perturb_indices(
     beta: Scalar,
     delta_max: int,
     num_groups: int = 1,
+    exclude_clean: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Perturbed token indices [B, L] (int32) and the mask [B, L] (bool) of changed tokens.
 
@@ -90,6 +91,8 @@ def perturb_indices(
     top-k of delta_max codes is taken, so changing δ never changes shapes). All draws have shape
     [B, L] from ``rng`` (partitionable threefry), so sharding the batch does not change them.
     ``features`` are the quantizer's l2-normalised z, ``codebook`` the normalised codebook.
+    ``exclude_clean`` draws r from [1, δ) instead (the paper's reading: a chosen token always
+    changes, rate α; with δ = 1 there is nothing to change to and the token stays clean).
     """
     if _is_concrete(delta) and not 1 <= int(delta) <= delta_max:
         raise ValueError(f"delta={delta} must be in [1, delta_max={delta_max}]")
@@ -99,7 +102,8 @@ def perturb_indices(
     key_u, key_r = jax.random.split(rng)
     u = jax.random.uniform(key_u, (batch, length), jnp.float32)
     delta_f = jnp.clip(jnp.asarray(delta, jnp.float32), 1.0, float(delta_max))
-    r = jnp.floor(jax.random.uniform(key_r, (batch, length), jnp.float32) * delta_f)
+    low = 1.0 if exclude_clean else 0.0
+    r = low + jnp.floor(jax.random.uniform(key_r, (batch, length), jnp.float32) * (delta_f - low))
     # U·δ can round up to δ in float32 when U is within one ulp of 1.
     r = jnp.minimum(r, delta_f - 1.0).astype(jnp.int32)
 
@@ -120,16 +124,29 @@ def perturb_codes(
     beta: Scalar,
     delta_max: int,
     num_groups: int = 1,
+    exclude_clean: bool = False,
+    neighbours: str = "feature",
 ) -> jax.Array:
     """Decoder input codes [B, L, d]: perturbed codes with a straight-through gradient to z.
 
     Replaced tokens are ``z + sg(e_idx − z)`` (z = ``q.features``), the same estimator as the clean
     path, so the encoder receives exactly the gradient it would with clean tokens; untouched tokens
     are ``q.quantized`` itself (bitwise). See :func:`perturb_indices` for the sampling.
+
+    ``neighbours``: "feature" ranks codes by distance to the continuous feature z (official code);
+    "code" by distance to the token's assigned code (the paper's Eq. 4, and the only choice for a
+    third-party tokenizer whose features are unavailable).
     """
+    if neighbours == "feature":
+        query = q.features
+    elif neighbours == "code":
+        query = jnp.take(codebook, q.indices, axis=0)
+    else:
+        raise ValueError(f"neighbours must be 'feature' or 'code', got {neighbours!r}")
     indices, replaced = perturb_indices(
-        rng, q.features, codebook,
+        rng, query, codebook,
         alpha=alpha, delta=delta, beta=beta, delta_max=delta_max, num_groups=num_groups,
+        exclude_clean=exclude_clean,
     )
     codes = jnp.take(codebook, indices, axis=0).astype(q.features.dtype)
     perturbed = q.features + jax.lax.stop_gradient(codes - q.features)
@@ -144,6 +161,8 @@ def make_latent_hook(
     beta: Scalar,
     delta_max: int,
     num_groups: int = 1,
+    exclude_clean: bool = False,
+    neighbours: str = "feature",
 ) -> LatentHook:
     """A ``Tokenizer.__call__(..., latent_hook=...)`` hook applying :func:`perturb_codes`.
 
@@ -154,6 +173,7 @@ def make_latent_hook(
         return perturb_codes(
             rng, q, codebook,
             alpha=alpha, delta=delta, beta=beta, delta_max=delta_max, num_groups=num_groups,
+            exclude_clean=exclude_clean, neighbours=neighbours,
         )
 
     return hook

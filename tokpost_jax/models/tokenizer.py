@@ -178,13 +178,16 @@ class ViTDecoder(nn.Module):
             dtype=self.dtype,
             name="transformer",
         )(x, deterministic)
+        features = x[:, 1 : 1 + num_patches].astype(jnp.float32)
+        # The adaptive GAN weight needs d(loss)/d(to_pixel kernel) = featuresᵀ · d(loss)/d(pixels).
+        self.sow("intermediates", "to_pixel_input", features)
         pixels = nn.Dense(
             self.patch_size * self.patch_size * 3,
             dtype=jnp.float32,
             kernel_init=logical(DENSE_INIT, ("embed", "patch")),
             bias_init=logical(nn.initializers.zeros, ("patch",)),
             name="to_pixel",
-        )(x[:, 1 : 1 + num_patches].astype(jnp.float32))
+        )(features)
         return unpatchify(pixels, self.patch_size, (grid, grid))
 
 
@@ -268,4 +271,5 @@ class Tokenizer(nn.Module):
         """
         q = self.quantizer(self.encode_features(images, deterministic))
         codes = q.quantized if latent_hook is None else latent_hook(q, self.codebook())
+        self.sow("intermediates", "decoder_codes", codes)  # the semantic loss's student
         return self.decode_codes(codes, deterministic), q

@@ -61,9 +61,15 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def train_step(
-        self, state: TrainState, batch: dict, rng: jax.Array
+        self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One update; ``rng`` is the run's base key (fold in ``state.step`` for per-step keys)."""
+        """One update; ``rng`` is the run's base key (fold in ``state.step`` for per-step keys);
+        ``frozen`` is :meth:`frozen_params`, passed as an argument so it is never a constant."""
+
+    def frozen_params(self) -> Any:
+        """Pretrained networks the step uses but never trains (LPIPS, discriminator backbone,
+        semantic teacher): kept out of the train state and the checkpoints."""
+        return {}
 
     @abc.abstractmethod
     def evaluate(self, state: TrainState, step: int) -> dict[str, EvalResult]:
@@ -225,9 +231,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
 
         batch_sharding = shd.batch_sharding(mesh, rules)
         repl = shd.replicated(mesh)
+        frozen = jax.device_put(stage.frozen_params(), repl)
         step_fn = jax.jit(
             stage.train_step,
-            in_shardings=(state_sharding, batch_sharding, repl),
+            in_shardings=(state_sharding, batch_sharding, repl, repl),
             out_shardings=(state_sharding, repl),
             donate_argnums=(0,),
         )
@@ -259,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
             for step in range(start_step + 1, total_steps + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     batch = shd.host_to_global(next(train_iter), batch_sharding)
-                    state, metrics = step_fn(state, batch, base_rng)
+                    state, metrics = step_fn(state, batch, base_rng, frozen)
                 # Check the previous step's loss after dispatching this one: keeps the device busy.
                 if pending_loss is not None:
                     check_finite(*pending_loss)

@@ -1,0 +1,93 @@
+"""RobusTok objective in the tokenizer stage: adaptive-weight gradient, GAN gating, frozen nets."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tokpost_jax import sharding as shd
+from tokpost_jax.config_lib import load_config_file
+from tokpost_jax.data import make_train_iterator
+from tokpost_jax.models import perturbation
+from tokpost_jax.train.tokenizer import TokenizerStage, to_pixel_kernel_grad
+
+
+@pytest.fixture(scope="module")
+def stage_and_batches():
+    cfg = load_config_file("configs/tokenizer.py", "micro_gan")
+    cfg.unlock()
+    cfg.gan.start = 3
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    stage = TokenizerStage(cfg, 40, mesh)
+    it = make_train_iterator(cfg.data, seed=0, host_batch_size=cfg.batch_size, process_index=0,
+                             process_count=1)
+    batches = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(5)]
+    return stage, batches
+
+
+def test_kernel_gradient_formula_equals_autodiff(stage_and_batches):
+    """featuresᵀ·patchify(dL/dimage) is exactly dL/d(to_pixel kernel): the adaptive weight's input."""
+    stage, batches = stage_and_batches
+    params = nn.unbox(stage.init(jax.random.PRNGKey(0)).params)
+    images = batches[0]["image"]
+    target = jnp.roll(images, 1, axis=0)
+
+    def loss_of_recon(recon):
+        return jnp.mean(jnp.abs(recon - target) ** 1.5)
+
+    def loss_of_params(p):
+        recon, _ = stage.model.apply({"params": p}, images)
+        return loss_of_recon(recon)
+
+    explicit = jax.grad(loss_of_params)(params)["vit_decoder"]["to_pixel"]["kernel"]
+    (recon, _), inter = stage.model.apply({"params": params}, images, mutable=["intermediates"])
+    features = inter["intermediates"]["vit_decoder"]["to_pixel_input"][0]
+    formula = to_pixel_kernel_grad(features, jax.grad(loss_of_recon)(recon),
+                                   stage.config.model.patch_size)
+    np.testing.assert_allclose(np.asarray(formula), np.asarray(explicit), rtol=1e-4, atol=1e-7)
+
+
+def test_discriminator_waits_for_its_start_and_frozen_nets_stay_out(stage_and_batches):
+    stage, batches = stage_and_batches
+    state = jax.jit(lambda r: nn.unbox(stage.init(r)))(jax.random.PRNGKey(0))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+    assert not [p for p in paths if "lpips" in p or "vgg" in p]
+    frozen = stage.frozen_params()
+    assert "lpips" in frozen
+    step = jax.jit(stage.train_step)
+    disc_before = jax.device_get(state.extra["disc"]["params"])
+    history = []
+    for b in batches:
+        state, metrics = step(state, b, jax.random.PRNGKey(1), frozen)
+        history.append({k: float(v) for k, v in metrics.items()})
+        if int(state.step) == 3:  # steps 0..2 ran with the discriminator inactive
+            unchanged = jax.tree.map(lambda a, b: np.array_equal(a, np.asarray(b)), disc_before,
+                                     jax.device_get(state.extra["disc"]["params"]))
+            assert all(jax.tree.leaves(unchanged))
+    assert [h["disc_active"] for h in history] == [0, 0, 0, 1, 1]
+    assert history[0]["gan_g_loss"] == 0 and history[4]["adaptive_weight"] > 0
+    assert all(np.isfinite(v) for h in history for v in h.values())
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), disc_before,
+                         jax.device_get(state.extra["disc"]["params"]))
+    assert any(jax.tree.leaves(moved))
+    # Perturbation schedule in steps: α₀=1 until anneal_start=10.
+    assert history[0]["perturb_alpha"] == 1.0 and history[0]["perturb_delta"] == 4
+
+
+def test_perturbation_changes_decoder_input_but_not_vq_losses(stage_and_batches):
+    """The hook only touches the decoder input: VQ/commit losses equal the unperturbed ones."""
+    stage, batches = stage_and_batches
+    params = nn.unbox(stage.init(jax.random.PRNGKey(0)).params)
+    images = batches[0]["image"]
+    # The stage's own hook at β = 0.1 perturbs ⌊0.8⌋ = 0 of 8 images: a no-op.
+    hook = stage.latent_hook(jnp.asarray(0), jax.random.PRNGKey(3))
+    recon_c, q_clean = stage.model.apply({"params": params}, images)
+    recon_h, _ = stage.model.apply({"params": params}, images, latent_hook=hook)
+    np.testing.assert_array_equal(np.asarray(recon_h), np.asarray(recon_c))
+    every = perturbation.make_latent_hook(jax.random.PRNGKey(3), alpha=1.0, delta=4, beta=1.0,
+                                          delta_max=4)
+    recon_p, q_pert = stage.model.apply({"params": params}, images, latent_hook=every)
+    assert float(q_clean.codebook_loss) == float(q_pert.codebook_loss)
+    assert float(q_clean.commit_loss) == float(q_pert.commit_loss)
+    assert not np.allclose(np.asarray(recon_p), np.asarray(recon_c))
