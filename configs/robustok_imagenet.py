@@ -1,4 +1,4 @@
-r"""RobusTok main training on ImageNet-1k 256x256 (arXiv 2509.12474 §4–5, App. A.2; robustok.md §2–6).
+r"""RobusTok main training on ImageNet-1k 256x256 (arXiv 2509.12474 §4–5, App. A.2; robustok.md).
 
 COMMAND (TPU pod / GPU node; ImageNet prepared by tfds from manual_dir, DINO weights as files):
   python -m tokpost_jax.main --config=configs/robustok_imagenet.py --workdir=gs://bucket/robustok \
@@ -10,8 +10,8 @@ COMMAND (TPU pod / GPU node; ImageNet prepared by tfds from manual_dir, DINO wei
 
 Expected (paper, Table 2): rFID 1.02, pFID 2.28 with the EMA weights after 200 epochs.
 
-Where the paper and the official code disagree (robustok.md "(!)"), this config follows the code that
-produced the released checkpoint unless noted; each choice is a named field:
+Where the paper and the official code disagree (robustok.md "(!)"), this config follows the code
+that produced the released checkpoint unless noted; each choice is a named field:
   * perturbation.exclude_clean=False — the code draws the replacement rank from [0, δ), so a chosen
     token changes with probability α(1 − 1/δ); the paper describes exactly α·H·W changed tokens.
   * perturbation.neighbours="feature" — nearest codes to the continuous feature z (code); the

@@ -27,7 +27,7 @@ def stage_and_batches():
 
 
 def test_kernel_gradient_formula_equals_autodiff(stage_and_batches):
-    """featuresᵀ·patchify(dL/dimage) is exactly dL/d(to_pixel kernel): the adaptive weight's input."""
+    """featuresᵀ·patchify(dL/dimage) equals dL/d(to_pixel kernel): the adaptive weight's input."""
     stage, batches = stage_and_batches
     params = nn.unbox(stage.init(jax.random.PRNGKey(0)).params)
     images = batches[0]["image"]

@@ -97,8 +97,8 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
 
 
 class _NaNFromStep15(TokenizerStage):
-    def train_step(self, state, batch, rng):
-        new_state, metrics = super().train_step(state, batch, rng)
+    def train_step(self, state, batch, rng, frozen):
+        new_state, metrics = super().train_step(state, batch, rng, frozen)
         metrics["loss"] = jnp.where(state.step >= 14, jnp.nan, metrics["loss"])
         return new_state, metrics
 

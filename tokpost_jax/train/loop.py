@@ -299,6 +299,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
         finally:
             checkpointer.close()
             writer.flush()
+            if hasattr(train_iter, "close"):  # grain worker processes and their shared memory
+                train_iter.close()
     return eval_history(workdir)
 
 
