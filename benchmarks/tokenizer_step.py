@@ -22,6 +22,7 @@ import numpy as np
 
 from tokpost_jax import sharding as shd
 from tokpost_jax.config_lib import load_config_file
+from tokpost_jax.train.loop import ShardedStage
 from tokpost_jax.train.tokenizer import TokenizerStage
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0,
@@ -59,20 +60,15 @@ def bench(config_path: str, overrides: dict, batch: int, steps: int) -> dict:
     rules = shd.rules_tuple(cfg.sharding_rules)
     stage = TokenizerStage(cfg, 1000, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
-        sharding = shd.logical_shardings(abstract, mesh, rules)
-        state = jax.jit(lambda r: nn.unbox(stage.init(r)), out_shardings=sharding)(
-            jax.random.PRNGKey(0))
-        repl = shd.replicated(mesh)
-        frozen = jax.device_put(stage.frozen_params(), repl)
-        bsh = shd.batch_sharding(mesh, rules)
+        sharded = ShardedStage.build(stage, mesh, rules)
+        state = sharded.init(jax.random.PRNGKey(0))
+        frozen = jax.device_put(stage.frozen_params(), sharded.replicated)
         size = cfg.data.image_size
         rng = np.random.default_rng(0)
         host = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
                 "label": np.zeros(batch, np.int32)}
-        data = shd.host_to_global(host, bsh)
-        step = jax.jit(stage.train_step, in_shardings=(sharding, bsh, repl, repl),
-                       out_shardings=(sharding, repl), donate_argnums=(0,))
+        data = shd.host_to_global(host, sharded.batch_sharding)
+        step = sharded.step
         key = jax.random.PRNGKey(1)
         t0 = time.perf_counter()
         compiled = step.lower(state, data, key, frozen).compile()

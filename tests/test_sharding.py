@@ -8,6 +8,7 @@ import pytest
 from tokpost_jax import sharding as shd
 from tokpost_jax.config_lib import load_config_file
 from tokpost_jax.data import make_train_iterator
+from tokpost_jax.train.loop import ShardedStage
 from tokpost_jax.train.tokenizer import TokenizerStage
 
 # fp32 reductions are split differently across shards, so results agree to rounding, not bits.
@@ -24,24 +25,13 @@ def _two_steps(mesh_axes, devices, batches):
     rules = shd.rules_tuple(cfg.sharding_rules)
     stage = TokenizerStage(cfg, 40, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
-        sharding = shd.logical_shardings(abstract, mesh, rules)
-        state = jax.jit(lambda r: nn.unbox(stage.init(r)), out_shardings=sharding)(
-            jax.random.PRNGKey(0)
-        )
-        bsh = shd.batch_sharding(mesh, rules)
-        repl = shd.replicated(mesh)
-        frozen = jax.device_put(stage.frozen_params(), repl)
-        step = jax.jit(
-            stage.train_step,
-            in_shardings=(sharding, bsh, repl, repl),
-            out_shardings=(sharding, repl),
-            donate_argnums=(0,),
-        )
+        sharded = ShardedStage.build(stage, mesh, rules)
+        state = sharded.init(jax.random.PRNGKey(0))
+        frozen = jax.device_put(stage.frozen_params(), sharded.replicated)
         losses = []
         for b in batches:
-            batch = shd.host_to_global(b, bsh)
-            state, metrics = step(state, batch, jax.random.PRNGKey(1), frozen)
+            batch = shd.host_to_global(b, sharded.batch_sharding)
+            state, metrics = sharded.step(state, batch, jax.random.PRNGKey(1), frozen)
             losses.append(float(metrics["loss"]))
         fc1 = state.params["vit_encoder"]["transformer"]["blocks_0"]["mlp"]["fc1"]["kernel"]
         return losses, jax.device_get(state.params), fc1.sharding

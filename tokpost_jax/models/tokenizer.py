@@ -68,8 +68,8 @@ class _TokenEmbeddings(nn.Module):
         return resize_grid_embedding(self.pos_embed[0, 1:], grid)
 
 
-class ViTEncoder(nn.Module):
-    """Patches plus learnable latent tokens through one bidirectional ViT; returns the latents."""
+class _LatentViT(nn.Module):
+    """Sizes shared by the encoder and the decoder, and their transformer."""
 
     image_size: int
     patch_size: int
@@ -81,6 +81,22 @@ class ViTEncoder(nn.Module):
     drop_path: float = 0.0
     layerscale_init: float | None = None
     dtype: jnp.dtype = jnp.float32
+
+    def transformer(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        return Transformer(
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.drop_path,
+            self.layerscale_init,
+            dtype=self.dtype,
+            name="transformer",
+        )(x, deterministic)
+
+
+class ViTEncoder(_LatentViT):
+    """Patches plus learnable latent tokens through one bidirectional ViT; returns the latents."""
 
     @nn.compact
     def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -113,32 +129,12 @@ class ViTEncoder(nn.Module):
             ],
             axis=1,
         )
-        x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        x = Transformer(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.drop_path,
-            self.layerscale_init,
-            dtype=self.dtype,
-            name="transformer",
-        )(x, deterministic)
+        x = self.transformer(x, deterministic)
         return x[:, -self.num_latent_tokens :]
 
 
-class ViTDecoder(nn.Module):
+class ViTDecoder(_LatentViT):
     """Mask tokens attend to the projected codes; their outputs become pixel patches."""
-
-    image_size: int
-    patch_size: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    num_latent_tokens: int
-    drop_path: float = 0.0
-    layerscale_init: float | None = None
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, latents: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -168,16 +164,7 @@ class ViTDecoder(nn.Module):
             ],
             axis=1,
         )
-        x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        x = Transformer(
-            self.depth,
-            self.num_heads,
-            self.mlp_dim,
-            self.drop_path,
-            self.layerscale_init,
-            dtype=self.dtype,
-            name="transformer",
-        )(x, deterministic)
+        x = self.transformer(x, deterministic)
         features = x[:, 1 : 1 + num_patches].astype(jnp.float32)
         # The adaptive GAN weight needs d(loss)/d(to_pixel kernel) = featuresᵀ · d(loss)/d(pixels).
         self.sow("intermediates", "to_pixel_input", features)

@@ -8,6 +8,7 @@ once.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import math
 import os
@@ -143,6 +144,41 @@ def _summarize(collection: Any) -> dict[str, float]:
     return {k: float(v) for k, v in collection.compute().items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardedStage:
+    """A stage's jitted init and step with explicit shardings (the loop, tests and benchmarks).
+
+    Build it inside ``jax.set_mesh(mesh)`` and ``nn.logical_axis_rules(rules)``.
+    """
+
+    state_sharding: Any  # NamedShardings in the (unboxed) state's structure
+    abstract_state: Any  # ShapeDtypeStructs carrying those shardings (checkpoint restore target)
+    batch_sharding: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+    init: Any  # rng → sharded, unboxed state
+    step: Any  # (state, batch, rng, frozen) → (state, metrics); donates the state
+
+    @classmethod
+    def build(cls, stage: Stage, mesh: jax.sharding.Mesh, rules: Any) -> ShardedStage:
+        abstract_boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
+        state_sharding = shd.logical_shardings(abstract_boxed, mesh, rules)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            shd.strip_boxes(abstract_boxed),
+            state_sharding,
+        )
+        batch_sharding = shd.batch_sharding(mesh, rules)
+        repl = shd.replicated(mesh)
+        init = jax.jit(lambda r: nn.unbox(stage.init(r)), out_shardings=state_sharding)
+        step = jax.jit(
+            stage.train_step,
+            in_shardings=(state_sharding, batch_sharding, repl, repl),
+            out_shardings=(state_sharding, repl),
+            donate_argnums=(0,),
+        )
+        return cls(state_sharding, abstract, batch_sharding, repl, init, step)
+
+
 def _flatten(results: Mapping[str, EvalResult]) -> dict[str, float]:
     return {f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}
 
@@ -193,22 +229,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
     config_json = config.to_dict()
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract_boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(config.seed))
-        state_sharding = shd.logical_shardings(abstract_boxed, mesh, rules)
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            shd.strip_boxes(abstract_boxed),
-            state_sharding,
-        )
-        restored = checkpointer.restore_latest(abstract)
+        sharded = ShardedStage.build(stage, mesh, rules)
+        restored = checkpointer.restore_latest(sharded.abstract_state)
         data_state: dict = {}
         if restored is not None:
             start_step, state, data_state = restored
             logging.info("Resumed from %s at step %d.", checkpointer.directory, start_step)
         else:
             start_step = 0
-            init_fn = jax.jit(lambda r: nn.unbox(stage.init(r)), out_shardings=state_sharding)
-            state = stage.load_pretrained(init_fn(jax.random.PRNGKey(config.seed)))
+            state = stage.load_pretrained(sharded.init(jax.random.PRNGKey(config.seed)))
             if config.get("init_from") and config.init_from.get("workdir"):
                 src = os.path.join(config.init_from.workdir, "checkpoints")
                 params = ckpt_lib.load_params(src, key=config.init_from.params_key)
@@ -229,15 +258,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
         if data_state:
             train_iter.set_state(data_state)
 
-        batch_sharding = shd.batch_sharding(mesh, rules)
-        repl = shd.replicated(mesh)
+        batch_sharding, repl = sharded.batch_sharding, sharded.replicated
         frozen = jax.device_put(stage.frozen_params(), repl)
-        step_fn = jax.jit(
-            stage.train_step,
-            in_shardings=(state_sharding, batch_sharding, repl, repl),
-            out_shardings=(state_sharding, repl),
-            donate_argnums=(0,),
-        )
+        step_fn = sharded.step
         base_rng = jax.device_put(base_rng, repl)
 
         report = periodic_actions.ReportProgress(
