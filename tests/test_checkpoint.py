@@ -84,3 +84,14 @@ def test_load_params_for_warm_start(tmp_path):
         ckpt_lib.load_params(tmp_path, key="opt")
     with pytest.raises(ckpt_lib.CheckpointError, match="No checkpoint directory"):
         ckpt_lib.load_params(tmp_path / "missing")
+
+
+def test_relative_directory_is_accepted(tmp_path, monkeypatch):
+    """``--workdir=runs/x`` (the README's form) must work: Orbax itself rejects relative paths."""
+    monkeypatch.chdir(tmp_path)
+    c = ckpt_lib.Checkpointer("runs/demo/checkpoints")
+    c.save(1, _state(1.0), {}, {})
+    c.close()
+    assert (tmp_path / "runs/demo/checkpoints/1").is_dir()
+    ema = ckpt_lib.load_params("runs/demo/checkpoints", key="params")
+    np.testing.assert_array_equal(np.asarray(ema["w"]), 1.0)

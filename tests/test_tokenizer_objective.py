@@ -91,3 +91,29 @@ def test_perturbation_changes_decoder_input_but_not_vq_losses(stage_and_batches)
     assert float(q_clean.codebook_loss) == float(q_pert.codebook_loss)
     assert float(q_clean.commit_loss) == float(q_pert.commit_loss)
     assert not np.allclose(np.asarray(recon_p), np.asarray(recon_c))
+
+
+def test_semantic_teacher_loads_a_timm_checkpoint_and_the_loss_runs(tmp_path):
+    """A (synthetic) DINOv2-layout file becomes the frozen teacher; the InfoNCE term is live."""
+    from safetensors.numpy import save_file
+    from test_timm_vit import timm_state_dict
+
+    path = str(tmp_path / "teacher.safetensors")
+    save_file(timm_state_dict(seed=3), path)  # width 32, depth 2, patch 4 on a 4x4 grid
+    cfg = load_config_file("configs/tokenizer.py", "micro")
+    cfg.unlock()
+    cfg.loss.semantic_weight = 0.1
+    cfg.semantic.update(teacher_weights=path, teacher_patch_size=4)
+    cfg.semantic.teacher.update(width=32, depth=2, num_heads=2, mlp_dim=64, layerscale_init=1.0)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    stage = TokenizerStage(cfg, 10, mesh)
+    frozen = stage.frozen_params()
+    np.testing.assert_array_equal(
+        np.asarray(frozen["teacher"]["embeddings"]["cls_token"]),
+        timm_state_dict(seed=3)["cls_token"])
+    state = jax.jit(lambda r: nn.unbox(stage.init(r)))(jax.random.PRNGKey(0))
+    it = make_train_iterator(cfg.data, seed=0, host_batch_size=cfg.batch_size, process_index=0,
+                             process_count=1)
+    batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+    _, metrics = jax.jit(stage.train_step)(state, batch, jax.random.PRNGKey(1), frozen)
+    assert np.isfinite(float(metrics["semantic_loss"])) and float(metrics["semantic_loss"]) > 0

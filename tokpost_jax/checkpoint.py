@@ -18,6 +18,12 @@ from absl import logging
 from etils import epath
 
 
+def _absolute(directory: str | os.PathLike) -> epath.Path:
+    """Orbax needs absolute paths; a relative ``--workdir`` (as in the README) is made absolute."""
+    text = os.fspath(directory)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
 
@@ -28,7 +34,7 @@ class Checkpointer:
     def __init__(
         self, directory: str | os.PathLike, *, max_to_keep: int = 3, asynchronous: bool = True
     ) -> None:
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data", "config"),
@@ -121,7 +127,7 @@ def load_params(
     Used for warm starts and by downstream stages (pretokenization, post-training) that need a
     trained tokenizer without its optimizer state.
     """
-    directory = epath.Path(directory)
+    directory = _absolute(directory)
     if not directory.exists():
         raise CheckpointError(f"No checkpoint directory at {directory}.")
     manager = ocp.CheckpointManager(

@@ -56,8 +56,8 @@ def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
         num_latent_tokens=m.num_latent_tokens,
         codebook_size=m.codebook_size,
         code_dim=m.code_dim,
-        encoder={k: v for k, v in m.encoder.to_dict().items()},
-        decoder={k: v for k, v in m.decoder.to_dict().items()},
+        encoder=m.encoder.to_dict(),
+        decoder=m.decoder.to_dict(),
         commit_weight=m.commit_weight,
         dtype=jnp.dtype(config.dtype),
     )
@@ -530,7 +530,8 @@ class TokenizerStage(Stage):
                     },
                     tiled=True,
                 )
-                keep = np.flatnonzero(np.asarray(gathered["mask"], bool))[:per_batch]
+                valid = np.flatnonzero(np.asarray(gathered["mask"], bool))
+                keep = valid[np.linspace(0, len(valid) - 1, min(per_batch, len(valid))).astype(int)]
                 shown.append(np.asarray(gathered["image"])[keep])
                 for name in recons:
                     recons[name].append(np.asarray(gathered[name])[keep])
