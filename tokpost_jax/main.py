@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
-    if os.environ.get("TOKPOST_DISTRIBUTED"):  # set by launch/ scripts on multi-host pods
+    if os.environ.get("TOKPOST_DISTRIBUTED"):  # set it on every host of a multi-host pod/cluster
         jax.distributed.initialize()
     # Keep TensorFlow (imported by clu's writers and tfds) off any accelerator JAX wants.
     try:
@@ -76,6 +76,7 @@ def main(argv: list[str]) -> None:
     except ImportError:
         pass
 
+    from tokpost_jax.checkpoint import CheckpointError
     from tokpost_jax.data import DataError
     from tokpost_jax.train import loop
 
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> None:
     logging.info("Config:\n%s", config)
     try:
         history = loop.train(config, workdir, stage_class(config.trainer))
-    except (DataError, loop.NonFiniteLossError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, loop.NonFiniteLossError, FileNotFoundError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
