@@ -92,7 +92,9 @@ def _derive_seed(seed: int, process_index: int, stream: int) -> int:
 
 def _check_args(data_cfg: Any, host_batch_size: int, process_index: int, process_count: int):
     if not isinstance(data_cfg.image_size, int) or data_cfg.image_size < 1:
-        raise DataError(f"data_cfg.image_size must be a positive int, got {data_cfg.image_size!r}")
+        raise DataError(
+            f"config.data.image_size must be a positive int, got {data_cfg.image_size!r}"
+        )
     if host_batch_size < 1:
         raise DataError(f"host_batch_size must be >= 1, got {host_batch_size}")
     if process_count < 1 or not 0 <= process_index < process_count:
@@ -101,7 +103,7 @@ def _check_args(data_cfg: Any, host_batch_size: int, process_index: int, process
         )
     if data_cfg.worker_count < 0 or data_cfg.prefetch_threads < 0:
         raise DataError(
-            "data_cfg.worker_count and data_cfg.prefetch_threads must be >= 0, got "
+            "config.data.worker_count and config.data.prefetch_threads must be >= 0, got "
             f"{data_cfg.worker_count} and {data_cfg.prefetch_threads}"
         )
 
@@ -222,7 +224,7 @@ def make_train_iterator(
     )
     if not 0.0 < transform.min_crop_frac <= transform.max_crop_frac <= 1.0:
         raise DataError(
-            "need 0 < data_cfg.min_crop_frac <= data_cfg.max_crop_frac <= 1, got "
+            "need 0 < config.data.min_crop_frac <= config.data.max_crop_frac <= 1, got "
             f"{transform.min_crop_frac} and {transform.max_crop_frac}"
         )
     ds = (
@@ -254,7 +256,7 @@ def eval_batches(
     if limit is not None:
         if not 0 < limit <= len(ds):
             raise DataError(
-                f"data_cfg.num_eval_examples={limit} but eval split {data_cfg.eval_split!r} "
+                f"config.data.num_eval_examples={limit} but eval split {data_cfg.eval_split!r} "
                 f"of {data_cfg.name!r} has {len(ds)} records; use 1..{len(ds)} or None"
             )
         ds = ds[:limit]

@@ -43,10 +43,12 @@ class DataError(Exception):
 
 def _split_dir(root: str | os.PathLike, split: str) -> str:
     if root is None:
-        raise DataError("data_cfg.data_dir must be set to the image-folder root for name='folder'")
+        raise DataError(
+            "config.data.data_dir must be set to the image-folder root for name='folder'"
+        )
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise DataError(f"image-folder root {root!r} does not exist; set data_cfg.data_dir")
+        raise DataError(f"image-folder root {root!r} does not exist; set config.data.data_dir")
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         raise DataError(
@@ -196,7 +198,7 @@ def open_tfds_source(
         raise DataError(
             f"unknown dataset name {name!r}: it is neither a built-in name "
             f"({', '.join(builtin_names) or 'none'}) nor a registered tfds dataset; "
-            "fix data_cfg.name"
+            "fix config.data.name"
         ) from e
 
     if not builder.is_prepared():
@@ -205,7 +207,7 @@ def open_tfds_source(
                 f"tfds dataset {name!r} is not prepared at {os.fspath(builder.data_dir)!r} and "
                 "this machine cannot download it; prepare it as array_record on a machine "
                 f"with network (`tfds build {name} --file_format=array_record "
-                "--data_dir=<dir>`) and set data_cfg.data_dir, or set data_cfg.manual_dir "
+                "--data_dir=<dir>`) and set config.data.data_dir, or set config.data.manual_dir "
                 "to the manually downloaded files"
             )
         try:

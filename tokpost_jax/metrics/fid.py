@@ -1,0 +1,327 @@
+"""Host-side FID statistics and companion metrics, following the ADM (guided-diffusion) evaluator.
+
+Everything here runs on the host in float64 numpy/scipy: the Fréchet distance needs ``scipy``'s
+matrix square root (JAX's ``sqrtm`` is CPU-only anyway) and float64 accumulation keeps the
+covariance of 50k x 2048 features accurate. Features come from the device in batches; the
+``FeatureStats`` accumulator lets hosts and batches be combined without keeping all features.
+
+Formulas (see ``/work/shared/reference/fid_protocol.md`` §1.5):
+
+* FID / sFID: ``||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2))`` (pool_3 or spatial features).
+* Precision / recall: Kynkäänniemi et al. manifold estimator with k = 3 neighbourhoods.
+* KID: unbiased polynomial-kernel MMD^2 averaged over random subsets.
+* Inception Score: ``exp(E_x KL(p(y|x) || p(y)))`` per split, mean and std over splits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+__all__ = [
+    "FeatureStats",
+    "frechet_distance",
+    "inception_score",
+    "kid",
+    "precision_recall",
+    "stats_frechet_distance",
+]
+
+#: Offset added to both covariance diagonals when ``sqrtm(s1 s2)`` is not finite (ADM/TTUR value).
+FID_EPS = 1e-6
+#: ADM/TTUR tolerance on the imaginary part of the diagonal of ``sqrtm(s1 s2)``.
+FID_IMAG_ATOL = 1e-3
+
+
+class FeatureStats:
+    """Streaming float64 mean/covariance of feature rows, mergeable across batches and hosts.
+
+    Uses Chan et al.'s pairwise update (count, mean, scatter matrix) rather than raw sums of
+    outer products, because raw sums cancel catastrophically when the mean is large relative
+    to the spread. ``cov`` is unbiased (``ddof=1``) like ``numpy.cov``, which ADM uses.
+    """
+
+    def __init__(self, dim: int | None = None) -> None:
+        self.count: int = 0
+        self._dim = dim
+        self._mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None  # scatter matrix sum (x - mean)(x - mean)^T
+        self._exact = True  # False after loading stats without a stored count
+
+    @property
+    def dim(self) -> int | None:
+        return self._dim
+
+    def update(self, features: Any, mask: Any | None = None) -> FeatureStats:
+        """Add a batch ``[n, d]`` (higher rank is flattened per row); ``mask`` drops padded rows.
+
+        Padded rows exist because device batches have static shapes under ``jit``.
+        """
+        x = np.asarray(features, dtype=np.float64)
+        x = x.reshape(x.shape[0], -1)
+        if mask is not None:
+            m = np.asarray(mask).reshape(-1).astype(bool)
+            if m.shape[0] != x.shape[0]:
+                raise ValueError(f"mask has {m.shape[0]} rows, features have {x.shape[0]}")
+            x = x[m]
+        if self._dim is None:
+            self._dim = x.shape[1]
+        elif x.shape[1] != self._dim:
+            raise ValueError(f"feature dim {x.shape[1]} != accumulated dim {self._dim}")
+        n = x.shape[0]
+        if n == 0:
+            return self
+        mean_b = x.mean(axis=0)
+        xc = x - mean_b
+        m2_b = xc.T @ xc
+        self._combine(n, mean_b, m2_b)
+        return self
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        if self.count == 0 or self._mean is None or self._m2 is None:
+            self.count, self._mean, self._m2 = n_b, mean_b.copy(), m2_b.copy()
+            return
+        n_a = self.count
+        n = n_a + n_b
+        delta = mean_b - self._mean
+        self._mean = self._mean + delta * (n_b / n)
+        self._m2 = self._m2 + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self.count = n
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """Fold ``other`` into ``self`` (in place, returns ``self``); exact and associative."""
+        if not (self._exact and other._exact):
+            raise ValueError("cannot merge stats loaded without a sample count")
+        if other.count == 0 or other._mean is None or other._m2 is None:
+            return self
+        if self._dim is not None and other._dim != self._dim:
+            raise ValueError(f"feature dim {other._dim} != {self._dim}")
+        self._dim = other._dim
+        self._combine(other.count, other._mean, other._m2)
+        return self
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self._mean is None:
+            raise ValueError("no features accumulated")
+        return self._mean.copy()
+
+    @property
+    def cov(self) -> np.ndarray:
+        if self._m2 is None or self.count < 2:
+            raise ValueError("need at least 2 features for a covariance")
+        return self._m2 / (self.count - 1)
+
+    @classmethod
+    def from_moments(cls, mu: Any, sigma: Any, count: int | None = None) -> FeatureStats:
+        """Build stats from a mean and unbiased covariance (e.g. ADM reference ``.npz``).
+
+        Without ``count`` the stats can be used for FID but not merged.
+        """
+        mu = np.asarray(mu, dtype=np.float64).reshape(-1)
+        sigma = np.asarray(sigma, dtype=np.float64)
+        st = cls(dim=mu.shape[0])
+        st._exact = count is not None
+        n = int(count) if count is not None else 2
+        st.count, st._mean, st._m2 = n, mu.copy(), sigma * (n - 1)
+        return st
+
+    def to_npz(self, path: str | os.PathLike[str], spatial: FeatureStats | None = None) -> None:
+        """Write ADM layout: ``mu``, ``sigma`` (+ ``mu_s``, ``sigma_s``); counts as extra keys.
+
+        ADM's reader only looks up the named keys, so the extra ``count`` keys are harmless and
+        let reloaded stats be merged again.
+        """
+        arrays: dict[str, np.ndarray] = {"mu": self.mean, "sigma": self.cov}
+        if self._exact:
+            arrays["count"] = np.asarray(self.count, dtype=np.int64)
+        if spatial is not None:
+            arrays["mu_s"] = spatial.mean
+            arrays["sigma_s"] = spatial.cov
+            if spatial._exact:
+                arrays["count_s"] = np.asarray(spatial.count, dtype=np.int64)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike[str]) -> tuple[FeatureStats, FeatureStats | None]:
+        """Read ``(pool_stats, spatial_stats_or_None)`` from an ADM-layout ``.npz``."""
+        with np.load(path) as z:
+            keys = set(z.files)
+            pool = cls.from_moments(
+                z["mu"], z["sigma"], int(z["count"]) if "count" in keys else None
+            )
+            spatial = None
+            if "mu_s" in keys and "sigma_s" in keys:
+                spatial = cls.from_moments(
+                    z["mu_s"], z["sigma_s"], int(z["count_s"]) if "count_s" in keys else None
+                )
+        return pool, spatial
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = FID_EPS) -> float:
+    """Fréchet distance between Gaussians, exactly as ADM's evaluator (TTUR formula).
+
+    ``sqrtm(s1 s2)`` via scipy in float64; if it is not finite (near-singular product), retry
+    with ``eps * I`` added to both covariances; a significant imaginary diagonal
+    (``atol=1e-3``) raises ``ValueError``, otherwise the real part is used.
+    """
+    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mean shapes differ: {mu1.shape} vs {mu2.shape}")
+    if sigma1.shape != sigma2.shape:
+        raise ValueError(f"covariance shapes differ: {sigma1.shape} vs {sigma2.shape}")
+
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=FID_IMAG_ATOL):
+            m = np.max(np.abs(covmean.imag))
+            raise ValueError(f"imaginary component {m} in sqrtm(sigma1 @ sigma2)")
+        covmean = covmean.real
+    tr_covmean = np.trace(covmean)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def stats_frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """FID (or sFID) between two accumulated ``FeatureStats``."""
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances ``[len(a), len(b)]``, clamped at 0 like ADM."""
+    a_sq = np.einsum("ij,ij->i", a, a)
+    d = a_sq[:, None] - 2.0 * (a @ b.T) + b_sq[None, :]
+    return np.maximum(d, 0.0)
+
+
+def _knn_radii(x: np.ndarray, k: int, batch: int) -> np.ndarray:
+    """Squared distance from each row to its k-th nearest neighbour in ``x`` (self excluded)."""
+    if x.shape[0] <= k:
+        raise ValueError(f"need more than k={k} samples, got {x.shape[0]}")
+    x_sq = np.einsum("ij,ij->i", x, x)
+    radii = np.empty(x.shape[0], dtype=np.float64)
+    for s in range(0, x.shape[0], batch):
+        d = _sq_dists(x[s : s + batch], x, x_sq)
+        # Index 0 of the sorted row is the point itself (distance 0), so index k is the k-th
+        # neighbour, as in ADM's ManifoldEstimator.
+        radii[s : s + batch] = np.partition(d, k, axis=1)[:, k]
+    return radii
+
+
+def _inside_any_ball(
+    queries: np.ndarray, centres: np.ndarray, radii: np.ndarray, batch: int
+) -> np.ndarray:
+    """Whether each query lies within (``<=``) some centre's radius (squared distances)."""
+    c_sq = np.einsum("ij,ij->i", centres, centres)
+    out = np.empty(queries.shape[0], dtype=bool)
+    for s in range(0, queries.shape[0], batch):
+        d = _sq_dists(queries[s : s + batch], centres, c_sq)
+        out[s : s + batch] = (d <= radii[None, :]).any(axis=1)
+    return out
+
+
+def precision_recall(
+    real_features: Any, fake_features: Any, k: int = 3, batch: int = 1024
+) -> tuple[float, float]:
+    """ADM's k-NN manifold precision and recall (Kynkäänniemi et al. 2019).
+
+    Radii are distances to the k-th nearest neighbour within the same set (self excluded).
+    Precision: fraction of fake samples inside some real ball; recall: fraction of real samples
+    inside some fake ball. Distances are computed in ``batch``-row blocks so memory stays at
+    ``batch x N`` floats.
+    """
+    real = np.asarray(real_features, dtype=np.float64)
+    fake = np.asarray(fake_features, dtype=np.float64)
+    real = real.reshape(real.shape[0], -1)
+    fake = fake.reshape(fake.shape[0], -1)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature dims differ: {real.shape[1]} vs {fake.shape[1]}")
+    real_radii = _knn_radii(real, k, batch)
+    fake_radii = _knn_radii(fake, k, batch)
+    precision = _inside_any_ball(fake, real, real_radii, batch).mean()
+    recall = _inside_any_ball(real, fake, fake_radii, batch).mean()
+    return float(precision), float(recall)
+
+
+def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Cubic polynomial kernel ``(x.y / d + 1)^3`` used by KID."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def kid(
+    real: Any, fake: Any, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> float:
+    """Kernel Inception Distance: unbiased polynomial-kernel MMD^2, mean over random subsets.
+
+    ``subset_size`` is clipped to the smaller set so small evaluations still work; subsets are
+    drawn without replacement from a seeded generator so the value is reproducible.
+    """
+    x = np.asarray(real, dtype=np.float64)
+    y = np.asarray(fake, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1)
+    y = y.reshape(y.shape[0], -1)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature dims differ: {x.shape[1]} vs {y.shape[1]}")
+    m = min(subset_size, x.shape[0], y.shape[0])
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples per set")
+    rng = np.random.default_rng(seed)
+    vals = np.empty(num_subsets, dtype=np.float64)
+    for i in range(num_subsets):
+        xs = x[rng.choice(x.shape[0], m, replace=False)]
+        ys = y[rng.choice(y.shape[0], m, replace=False)]
+        kxx = _poly_kernel(xs, xs)
+        kyy = _poly_kernel(ys, ys)
+        kxy = _poly_kernel(xs, ys)
+        vals[i] = (
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2.0 * kxy.mean()
+        )
+    return float(vals.mean())
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def inception_score(
+    logits_or_probs: Any, splits: int = 10, from_logits: bool | None = None
+) -> tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``: ``(mean, std)`` over ``splits`` chunks.
+
+    Input ``[N, C]``. With ``from_logits=None`` the input is treated as probabilities when every
+    row is non-negative and sums to 1 (atol 1e-4), otherwise as logits and softmaxed; pass
+    ``from_logits`` explicitly to avoid the guess. ``p(y)`` is the mean prediction of each split
+    (contiguous ``np.array_split`` chunks, the Salimans et al. convention).
+    """
+    a = np.asarray(logits_or_probs, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"expected [N, C] predictions, got shape {a.shape}")
+    if from_logits is None:
+        is_probs = bool((a >= 0).all() and np.allclose(a.sum(axis=1), 1.0, atol=1e-4))
+        from_logits = not is_probs
+    p = _softmax(a) if from_logits else a
+    if splits < 1 or splits > p.shape[0]:
+        raise ValueError(f"splits must be in [1, {p.shape[0]}], got {splits}")
+    scores = []
+    for part in np.array_split(p, splits, axis=0):
+        py = part.mean(axis=0, keepdims=True)
+        # 0 * log(0) = 0: only rows/classes with p > 0 contribute.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(part > 0, part * (np.log(part) - np.log(py)), 0.0)
+        scores.append(np.exp(terms.sum(axis=1).mean()))
+    scores_arr = np.asarray(scores)
+    return float(scores_arr.mean()), float(scores_arr.std())
