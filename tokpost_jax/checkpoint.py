@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -150,4 +149,4 @@ def load_params(
             f"Checkpoint {directory} step {step} has no '{key}' "
             f"(has: {sorted(state) if isinstance(state, dict) else type(state)})."
         )
-    return jax.tree.map(lambda x: x, tree)
+    return tree

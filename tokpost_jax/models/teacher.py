@@ -11,24 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokpost_jax.models.vit import Transformer, logical, patchify, resize_grid_embedding
+from tokpost_jax.models.vit import TokenEmbeddings, Transformer, patchify
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class _Embeddings(nn.Module):
-    width: int
-    num_patches: int
-
-    def setup(self) -> None:
-        init = nn.initializers.truncated_normal(0.02)
-        self.cls_token = self.param(
-            "cls_token", logical(init, (None, None, "embed")), (1, 1, self.width)
-        )
-        self.pos_embed = self.param(
-            "pos_embed", logical(init, (None, None, "embed")), (1, 1 + self.num_patches, self.width)
-        )
 
 
 class ViTTeacher(nn.Module):
@@ -48,12 +34,10 @@ class ViTTeacher(nn.Module):
         x = (images.astype(jnp.float32) + 1.0) * 0.5
         x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
         grid = self.image_size // self.patch_size
-        emb = _Embeddings(self.width, grid * grid, name="embeddings")
+        emb = TokenEmbeddings(self.width, grid * grid, levels=False, name="embeddings")
         tokens = nn.Dense(self.width, name="patch_embed")(patchify(x, self.patch_size))
         cls = jnp.broadcast_to(emb.cls_token, (x.shape[0], 1, self.width))
-        pos = jnp.concatenate(
-            [emb.pos_embed[0, :1], resize_grid_embedding(emb.pos_embed[0, 1:], (grid, grid))]
-        )
+        pos = jnp.concatenate([emb.pos_embed[0, :1], emb.grid_pos((grid, grid))])
         x = jnp.concatenate([cls, tokens], axis=1) + pos[None]
         x = Transformer(
             self.depth, self.num_heads, self.mlp_dim, 0.0, self.layerscale_init, name="transformer"

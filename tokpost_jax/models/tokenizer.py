@@ -18,11 +18,11 @@ import numpy as np
 from tokpost_jax.models.quantizer import L2VectorQuantizer, Quantized
 from tokpost_jax.models.vit import (
     DENSE_INIT,
+    TokenEmbeddings,
     Transformer,
     constrain,
     logical,
     patchify,
-    resize_grid_embedding,
     unpatchify,
 )
 
@@ -36,36 +36,6 @@ def _square_grid(num_tokens: int) -> tuple[int, int]:
     if side * side != num_tokens:
         raise ValueError(f"num_latent_tokens={num_tokens} must be a square number")
     return side, side
-
-
-class _TokenEmbeddings(nn.Module):
-    """cls token, learned position embedding over the patch grid, and a 2-entry level embedding."""
-
-    width: int
-    num_patches: int
-
-    def setup(self) -> None:
-        self.cls_token = self.param(
-            "cls_token",
-            logical(nn.initializers.normal(1e-6), (None, None, "embed")),
-            (1, 1, self.width),
-        )
-        self.pos_embed = self.param(
-            "pos_embed",
-            logical(DENSE_INIT, (None, None, "embed")),
-            (1, 1 + self.num_patches, self.width),
-        )
-        self.level_embed = self.param(
-            "level_embed",
-            logical(
-                nn.initializers.truncated_normal(np.sqrt(1.0 / (3 * self.width))), (None, "embed")
-            ),
-            (2, self.width),
-        )
-
-    def grid_pos(self, grid: tuple[int, int]) -> jax.Array:
-        """[G, D] position embedding of the patch grid, resampled if the latent grid differs."""
-        return resize_grid_embedding(self.pos_embed[0, 1:], grid)
 
 
 class _LatentViT(nn.Module):
@@ -102,7 +72,7 @@ class ViTEncoder(_LatentViT):
     def __call__(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
         batch = images.shape[0]
         grid = self.image_size // self.patch_size
-        emb = _TokenEmbeddings(self.width, grid * grid, name="embeddings")
+        emb = TokenEmbeddings(self.width, grid * grid, name="embeddings")
         patches = nn.Dense(
             self.width,
             dtype=self.dtype,
@@ -141,7 +111,7 @@ class ViTDecoder(_LatentViT):
         batch = latents.shape[0]
         grid = self.image_size // self.patch_size
         num_patches = grid * grid
-        emb = _TokenEmbeddings(self.width, num_patches, name="embeddings")
+        emb = TokenEmbeddings(self.width, num_patches, name="embeddings")
         mask_token = self.param(
             "mask_token",
             logical(nn.initializers.normal(1e-6), (None, None, "embed")),

@@ -204,3 +204,39 @@ def resize_grid_embedding(pos: jax.Array, grid: tuple[int, int]) -> jax.Array:
         return pos
     img = pos.reshape(side, side, d)
     return jax.image.resize(img, (*grid, d), method="bicubic").reshape(grid[0] * grid[1], d)
+
+
+class TokenEmbeddings(nn.Module):
+    """cls token, learned position embedding over the patch grid, and optionally a level embedding.
+
+    The tokenizer uses two levels (image tokens 0, latent tokens 1); a plain ViT uses none.
+    """
+
+    width: int
+    num_patches: int
+    levels: bool = True
+
+    def setup(self) -> None:
+        self.cls_token = self.param(
+            "cls_token",
+            logical(nn.initializers.normal(1e-6), (None, None, "embed")),
+            (1, 1, self.width),
+        )
+        self.pos_embed = self.param(
+            "pos_embed",
+            logical(DENSE_INIT, (None, None, "embed")),
+            (1, 1 + self.num_patches, self.width),
+        )
+        if self.levels:
+            self.level_embed = self.param(
+                "level_embed",
+                logical(
+                    nn.initializers.truncated_normal(np.sqrt(1.0 / (3 * self.width))),
+                    (None, "embed"),
+                ),
+                (2, self.width),
+            )
+
+    def grid_pos(self, grid: tuple[int, int]) -> jax.Array:
+        """[G, D] position embedding of the patch grid, resampled if the latent grid differs."""
+        return resize_grid_embedding(self.pos_embed[0, 1:], grid)

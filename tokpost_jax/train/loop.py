@@ -18,7 +18,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -73,8 +72,9 @@ class Stage(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def evaluate(self, state: TrainState, step: int) -> dict[str, EvalResult]:
-        """Evaluator name → result; called by the loop at its cadence."""
+    def evaluate(self, state: TrainState, step: int, frozen: Any) -> dict[str, EvalResult]:
+        """Evaluator name → result; called by the loop at its cadence with the on-device
+        :meth:`frozen_params` the train step uses."""
 
     def load_pretrained(self, state: TrainState) -> TrainState:
         """Imports external weights named by the config into a fresh state (default: none)."""
@@ -125,10 +125,10 @@ def _write_images(
 
 
 def run_evaluation(
-    stage: Stage, state: TrainState, step: int, writer: Any, workdir: str
+    stage: Stage, state: TrainState, frozen: Any, step: int, writer: Any, workdir: str
 ) -> dict[str, EvalResult]:
     t0 = time.time()
-    results = stage.evaluate(state, step)
+    results = stage.evaluate(state, step, frozen)
     for name, res in results.items():
         writer.write_scalars(step, {f"{name}/{k}": v for k, v in res.items()})
         _write_images(writer, workdir, step, name, res.images)
@@ -267,7 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
             num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
         )
         if start_step == 0:
-            run_evaluation(stage, state, 0, writer, workdir)
+            run_evaluation(stage, state, frozen, 0, writer, workdir)
 
         def save(step: int) -> None:
             checkpointer.save(step, state, train_iter.get_state(), config_json)
@@ -318,7 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
                     check_finite(*pending_loss)
                     save(step)
                 if step % config.eval_every_steps == 0 or step == total_steps:
-                    run_evaluation(stage, state, step, writer, workdir)
+                    run_evaluation(stage, state, frozen, step, writer, workdir)
         finally:
             checkpointer.close()
             writer.flush()
@@ -338,9 +338,3 @@ def _collection_for(metrics: Mapping[str, jax.Array]) -> Any:
             **{k: clu_metrics.Average.from_output(k) for k in keys}
         )
     return _COLLECTIONS[keys]
-
-
-def mean_over_images(values: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum over unmasked images, count): eval batches are padded to a fixed shape."""
-    m = mask.astype(jnp.float32)
-    return jnp.sum(values * m), jnp.sum(m)

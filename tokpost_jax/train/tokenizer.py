@@ -494,13 +494,12 @@ class TokenizerStage(Stage):
             "val_ema": self._eval_batch(ema_params, batch, lpips),
         }
 
-    def evaluate(self, state: TrainState, step: int) -> dict[str, EvalResult]:
+    def evaluate(self, state: TrainState, step: int, frozen: Any) -> dict[str, EvalResult]:
         """Raw and EMA reconstruction quality over the eval split, in one pass over the data."""
         cfg = self.config
         batch_sharding = shd.batch_sharding(self.mesh, shd.rules_tuple(cfg.sharding_rules))
         if self._eval_fn is None:
             self._eval_fn = jax.jit(self._eval_both)
-            self._eval_lpips = jax.device_put(self.frozen_params()["lpips"])
         num_eval = cfg.data.num_eval_examples or data_lib.num_examples(
             cfg.data, cfg.data.eval_split
         )
@@ -516,7 +515,7 @@ class TokenizerStage(Stage):
             process_count=jax.process_count(),
         ):
             batch = shd.host_to_global(local, batch_sharding)
-            outs = self._eval_fn(state.params, state.ema_params, batch, self._eval_lpips)
+            outs = self._eval_fn(state.params, state.ema_params, batch, frozen["lpips"])
             for name, out in outs.items():
                 for key in ("psnr_sum", "mse_sum", "lpips_sum", "count", "code_counts"):
                     value = np.asarray(jax.device_get(out[key]), np.float64)
