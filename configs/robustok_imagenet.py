@@ -88,6 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh = config_lib.mesh(data=-1, fsdp=1)
     c.log_every_steps = 100
     c.eval_every_steps = 10_000  # the code computes rFID every 10k steps and keeps the best
+    # rFID + pFID on the 50k val crops (reference = the crops themselves, robustok.md §7).
+    c.fid_eval.update(every_steps=10_000, num_images=50_000, batch_size=1024, pfid=True)
     c.checkpoint_every_steps = 2_000
     c.keep_checkpoints = 3
     c.num_grid_images = 16

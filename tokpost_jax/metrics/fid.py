@@ -162,12 +162,30 @@ class FeatureStats:
         return pool, spatial
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = FID_EPS) -> float:
-    """Fréchet distance between Gaussians, exactly as ADM's evaluator (TTUR formula).
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr sqrtm(s1 s2) from symmetric eigendecompositions.
 
-    ``sqrtm(s1 s2)`` via scipy in float64; if it is not finite (near-singular product), retry
-    with ``eps * I`` added to both covariances; a significant imaginary diagonal
-    (``atol=1e-3``) raises ``ValueError``, otherwise the real part is used.
+    s1 s2 is similar to A = s1^½ s2 s1^½ (symmetric PSD), so Tr sqrtm(s1 s2) = Σ sqrt(λ(A)).
+    Two ``eigh`` calls instead of a general Schur-based ``sqrtm``: ~20x faster at 2048 dims on a
+    CPU and exact for the singular covariances of small sample sets (no eps fallback needed).
+    """
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    lam = np.linalg.eigvalsh(root @ sigma2 @ root)
+    return float(np.sum(np.sqrt(np.clip(lam, 0.0, None))))
+
+
+def frechet_distance(
+    mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = FID_EPS, method: str = "sqrtm"
+) -> float:
+    """Fréchet distance between Gaussians: ``|mu1 - mu2|^2 + Tr(s1 + s2 - 2 sqrtm(s1 s2))``.
+
+    ``method="sqrtm"`` is exactly ADM's evaluator (TTUR): ``sqrtm(s1 s2)`` via scipy in float64;
+    if it is not finite (near-singular product), retry with ``eps * I`` added to both covariances;
+    a significant imaginary diagonal (``atol=1e-3``) raises ``ValueError``, otherwise the real part
+    is used. ``method="eigh"`` computes the same trace from symmetric eigendecompositions (see
+    :func:`_trace_sqrt_product_eigh`); in-training evaluators use it because a 2048-dim ``sqrtm``
+    takes ~18 s on 2 CPU cores and pFID needs 15 of them.
     """
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
@@ -179,6 +197,11 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
         raise ValueError(f"covariance shapes differ: {sigma1.shape} vs {sigma2.shape}")
 
     diff = mu1 - mu2
+    if method == "eigh":
+        tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    if method != "sqrtm":
+        raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
     covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
@@ -192,9 +215,9 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def stats_frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+def stats_frechet_distance(a: FeatureStats, b: FeatureStats, method: str = "sqrtm") -> float:
     """FID (or sFID) between two accumulated ``FeatureStats``."""
-    return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov, method=method)
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from tokpost_jax import losses
 from tokpost_jax import sharding as shd
 from tokpost_jax.convert import timm_vit
 from tokpost_jax.metrics import reconstruction
+from tokpost_jax.metrics import tokenizer as tokenizer_metrics
 from tokpost_jax.models import discriminator as disc_lib
 from tokpost_jax.models import perturbation
 from tokpost_jax.models.diffaug import diff_augment
@@ -144,6 +145,12 @@ class TokenizerStage(Stage):
             else 1
         )
         self._eval_fn = None
+        self.fid_evaluator = None
+        if config.fid_eval.every_steps:
+            self.fid_evaluator = tokenizer_metrics.evaluator_from_config(
+                config, self.model, mesh, shd.rules_tuple(config.sharding_rules),
+                lpips=self.lpips,
+            )
 
     # ---- frozen networks -----------------------------------------------------------------------
     @functools.cache  # noqa: B019  (one stage per run; the files are read once)
@@ -555,4 +562,18 @@ class TokenizerStage(Stage):
                 images_lib.interleave_rows(originals, recon_u8, ncols), ncols
             )
             results[name] = EvalResult(scalars, {"reconstructions": grid})
+        every = cfg.fid_eval.every_steps
+        if self.fid_evaluator is not None and (step % every == 0 or step == self.total_steps):
+            results["fid_ema"] = self.evaluate_fid(state.ema_params, frozen["lpips"])
         return results
+
+    def evaluate_fid(self, params: Any, lpips_params: Any) -> EvalResult:
+        """rFID, pFID (with its per-point FIDs and plot), PSNR, SSIM, LPIPS, usage of ``params``."""
+        assert self.fid_evaluator is not None
+        scalars, grid_fids = tokenizer_metrics.evaluate_split(
+            self.fid_evaluator, self.config, params, lpips_params
+        )
+        images = {}
+        if grid_fids and self.fid_evaluator.grid is not None:
+            images["pfid_grid"] = tokenizer_metrics.pfid_plot(grid_fids, self.fid_evaluator.grid)
+        return EvalResult({**scalars, **grid_fids}, images)
