@@ -13,6 +13,7 @@ come back to the host. Draws are seeded per (grid point, batch), so the numbers 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -220,3 +221,39 @@ def pfid_plot(grid_fids: Mapping[str, float], grid: PerturbationGrid) -> np.ndar
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return image
+
+
+def evaluate_checkpoint(
+    config: Any, workdir: str, params_key: str = "ema_params", out_dir: str | None = None
+) -> dict[str, float]:
+    """rFID/pFID/... of a tokenizer run's latest checkpoint; writes ``metrics.json`` and the pFID
+    plot to ``out_dir`` (default ``<workdir>/eval``) and returns the scalars."""
+    import json
+
+    import flax.linen as nn
+
+    from tokpost_jax import sharding as shd
+    from tokpost_jax.checkpoint import load_params
+    from tokpost_jax.images import save_png
+    from tokpost_jax.models.lpips import LPIPS, load_lpips_params
+    from tokpost_jax.train.tokenizer import build_tokenizer
+
+    rules = shd.rules_tuple(config.sharding_rules)
+    mesh = shd.make_mesh(config.mesh)
+    params = load_params(os.path.join(workdir, "checkpoints"), key=params_key)
+    model = build_tokenizer(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        evaluator = evaluator_from_config(config, model, mesh, rules, lpips=LPIPS())
+        lpips_params = jax.device_put(load_lpips_params(), shd.replicated(mesh))
+        scalars, grid_fids = evaluate_split(evaluator, config, params, lpips_params)
+    out_dir = out_dir or os.path.join(workdir, "eval")
+    result = {**scalars, **grid_fids}
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if grid_fids and evaluator.grid is not None:
+            save_png(pfid_plot(grid_fids, evaluator.grid), os.path.join(out_dir, "pfid_grid.png"))
+        tmp = os.path.join(out_dir, f"metrics.json.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump({"params": params_key, **result}, f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+    return result
