@@ -37,7 +37,22 @@ DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
     ("latent", None),
     ("code", None),
     ("codebook", None),
+    # RAR generator (models/generator.py): output vocabulary, per-head QK-norm, adaLN modulation.
+    ("vocab", None),
+    ("head_dim", None),
+    ("adaln", None),
+    ("act_heads", None),
+    ("act_vocab", None),
 )
+
+# RAR generator sizes (robustok.md §8): width, depth, heads, MLP width. B/L are RAR-B (~261M) and
+# RAR-L (~461M); tiny runs on a CPU, micro is for tests.
+RAR_SIZES: dict[str, dict[str, int]] = {
+    "micro": dict(width=32, depth=2, num_heads=2, mlp_dim=64),
+    "tiny": dict(width=128, depth=4, num_heads=4, mlp_dim=512),
+    "B": dict(width=768, depth=24, num_heads=16, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
 
 
 def vit(size: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -45,6 +60,15 @@ def vit(size: str, **overrides: Any) -> ml_collections.ConfigDict:
     if size not in VIT_SIZES:
         raise ValueError(f"Unknown ViT size {size!r}; known: {sorted(VIT_SIZES)}")
     cfg = dict(VIT_SIZES[size], drop_path=0.0, layerscale_init=config_dict.placeholder(float))
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def rar(size: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """A RAR generator size as a ConfigDict with RAR's dropout rates (0.1 / 0.1) added."""
+    if size not in RAR_SIZES:
+        raise ValueError(f"Unknown RAR size {size!r}; known: {sorted(RAR_SIZES)}")
+    cfg = dict(RAR_SIZES[size], dropout=0.1, attn_dropout=0.1)
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 
