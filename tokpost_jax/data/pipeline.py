@@ -4,6 +4,10 @@ Train: source → host shard ``[process_index::process_count]`` → shuffle →
 repeat (reshuffled every epoch) → random_map (crop/flip, grain's per-record
 rng) → batch → to_iter_dataset (thread prefetch) → optional mp_prefetch.
 
+Shards (``data.name == "shards"``, arrays written by e.g. tokpost_jax.pretokenize) are already
+final views: they skip the augmentation, and only their uint8 image fields
+(``data.image_fields``) are converted to float per batch; other fields pass through.
+
 Everything up to the batch is a grain ``MapDataset``, so batch ``k`` is a pure
 function of (config, seed, host, k): the iterator state is just a batch
 counter, resuming is exact, and the batches do not depend on
@@ -16,7 +20,8 @@ number of workers.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -36,6 +41,7 @@ from tokpost_jax.data.preprocess import (
     to_float,
     to_rgb_uint8,
 )
+from tokpost_jax.data.shards import ShardSource
 from tokpost_jax.data.sources import (
     DataError,
     FolderSource,
@@ -44,14 +50,20 @@ from tokpost_jax.data.sources import (
 )
 
 __all__ = [
+    "SHARDS_NAME",
+    "AddMask",
     "DataError",
     "EvalTransform",
+    "FloatFields",
     "TrainTransform",
     "eval_batches",
     "make_source",
     "make_train_iterator",
     "num_examples",
 ]
+
+SHARDS_NAME = "shards"
+_DEFAULT_IMAGE_FIELDS = ("image",)
 
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
@@ -68,6 +80,13 @@ def make_source(data_cfg: Any, split: str):
     name = data_cfg.name
     if name in BUILTIN_NAMES:
         return builtin_source(name, split)
+    if name == SHARDS_NAME:
+        if data_cfg.data_dir is None:
+            raise DataError(
+                "config.data.data_dir must be set to the directory holding <split>/manifest.json "
+                "for name='shards' (the --out of python -m tokpost_jax.pretokenize)"
+            )
+        return ShardSource(os.path.join(os.fspath(data_cfg.data_dir), split))
     if name == "folder":
         classes = folder_class_names(data_cfg.data_dir, data_cfg.train_split)
         return FolderSource(data_cfg.data_dir, split, classes)
@@ -76,7 +95,7 @@ def make_source(data_cfg: Any, split: str):
         split,
         data_dir=data_cfg.data_dir,
         manual_dir=data_cfg.manual_dir,
-        builtin_names=(*BUILTIN_NAMES, "folder"),
+        builtin_names=(*BUILTIN_NAMES, "folder", SHARDS_NAME),
     )
 
 
@@ -131,6 +150,68 @@ def _float_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = dict(batch)
     out["image"] = to_float(batch["image"])
     return out
+
+
+class FloatFields(grain.transforms.Map):
+    """Converts the named uint8 image fields of a batch to float32 [-1, 1]; others pass through.
+
+    Why a class: it must pickle into grain workers, and shard datasets name their own fields
+    (e.g. 'image' and 'generated' for post-training pairs).
+    """
+
+    def __init__(self, fields: Sequence[str]):
+        self.fields = tuple(fields)
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = dict(batch)
+        for name in self.fields:
+            out[name] = to_float(batch[name])
+        return out
+
+
+class AddMask(grain.transforms.Map):
+    """Marks a record as real (eval padding rows get mask False)."""
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        return {**element, "mask": np.bool_(True)}
+
+
+def _shard_image_fields(data_cfg: Any, source: ShardSource) -> tuple[str, ...]:
+    """The fields of `source` named in ``config.data.image_fields``, checked to be [S, S, 3] uint8.
+
+    Names absent from the shards are skipped, so the default ('image',) also suits token shards.
+    """
+    names = data_cfg.get("image_fields", _DEFAULT_IMAGE_FIELDS)
+    if names is None:
+        names = ()
+    if isinstance(names, str):
+        names = (names,)
+    size = data_cfg.image_size
+    found = []
+    for name in names:
+        spec = source.fields.get(name)
+        if spec is None:
+            continue
+        if spec.dtype != np.uint8 or spec.shape != (size, size, 3):
+            raise DataError(
+                f"shard field {name!r} in {source.directory!r} is {spec.dtype} {spec.shape}, but "
+                f"config.data.image_fields lists it as a uint8 ({size}, {size}, 3) image "
+                "(config.data.image_size); fix image_fields or image_size"
+            )
+        found.append(name)
+    return tuple(found)
+
+
+def _shard_eval_spec(
+    source: ShardSource, image_fields: Sequence[str]
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-record (shape, dtype) of every field of an eval batch after float conversion."""
+    spec = {
+        name: (f.shape, np.dtype(np.float32) if name in image_fields else f.dtype)
+        for name, f in source.fields.items()
+    }
+    spec["mask"] = ((), np.dtype(np.bool_))
+    return spec
 
 
 # --------------------------------------------------------------------------- transforms
@@ -199,8 +280,9 @@ def make_train_iterator(
     """Infinite iterator of this host's train batches.
 
     Yields {'image': float32 [host_batch_size, S, S, 3] in [-1, 1],
-    'label': int32 [host_batch_size]}. Each epoch of this host's shard is
-    reshuffled deterministically from `seed`; a batch may straddle an epoch
+    'label': int32 [host_batch_size]}; for shards, every stored field with a
+    leading batch axis (image fields as float32 [-1, 1]). Each epoch of this
+    host's shard is reshuffled deterministically from `seed`; a batch may straddle an epoch
     boundary (no record is dropped). ``it.get_state()`` is JSON-serialisable
     and ``set_state`` on a fresh iterator built with the same arguments
     resumes bit-exactly.
@@ -215,6 +297,11 @@ def make_train_iterator(
             f"train split {data_cfg.train_split!r} of {data_cfg.name!r} has {len(source)} "
             f"records, too few to give each of {process_count} hosts at least one"
         )
+    ds = ds.shuffle(seed=_derive_seed(int(seed), process_index, _SHUFFLE_STREAM)).repeat(None)
+    if isinstance(source, ShardSource):  # final views already: no augmentation
+        fields = _shard_image_fields(data_cfg, source)
+        ds = ds.batch(host_batch_size, drop_remainder=True).map(FloatFields(fields))
+        return iter(_to_iter(ds, data_cfg))
     transform = TrainTransform(
         data_cfg.image_size,
         data_cfg.min_crop_frac,
@@ -227,10 +314,9 @@ def make_train_iterator(
             "need 0 < config.data.min_crop_frac <= config.data.max_crop_frac <= 1, got "
             f"{transform.min_crop_frac} and {transform.max_crop_frac}"
         )
+    # repeat(None) above is infinite; the shuffle reseeds itself every epoch.
     ds = (
-        ds.shuffle(seed=_derive_seed(int(seed), process_index, _SHUFFLE_STREAM))
-        .repeat(None)  # infinite; the shuffle reseeds itself every epoch
-        .random_map(transform, seed=_derive_seed(int(seed), process_index, _AUGMENT_STREAM))
+        ds.random_map(transform, seed=_derive_seed(int(seed), process_index, _AUGMENT_STREAM))
         .batch(host_batch_size, drop_remainder=True)
         .map(_float_batch)
     )
@@ -248,6 +334,8 @@ def eval_batches(
     b = host_batch_size; padding rows are zeros with mask False. Every host
     yields ceil(ceil(N / process_count) / b) batches, appending all-padding
     batches where its share is shorter, so multi-host jitted eval never hangs.
+    Shards yield every stored field (image fields as float32) plus 'mask',
+    padded the same way.
     """
     _check_args(data_cfg, host_batch_size, process_index, process_count)
     source = make_source(data_cfg, data_cfg.eval_split)
@@ -263,29 +351,44 @@ def eval_batches(
     total = len(ds)
     num_batches = math.ceil(math.ceil(total / process_count) / host_batch_size)
     share = ds[process_index::process_count]
-    return _padded_eval(data_cfg, share, host_batch_size, num_batches)
+    if isinstance(source, ShardSource):
+        fields = _shard_image_fields(data_cfg, source)
+        spec = _shard_eval_spec(source, fields)
+        records, to_float_map = share.map(AddMask()), FloatFields(fields)
+    else:
+        size = data_cfg.image_size
+        spec = {
+            "image": ((size, size, 3), np.dtype(np.float32)),
+            "label": ((), np.dtype(np.int32)),
+            "mask": ((), np.dtype(np.bool_)),
+        }
+        records, to_float_map = share.map(EvalTransform(size)), _float_batch
+    return _padded_eval(data_cfg, records, to_float_map, spec, host_batch_size, num_batches)
 
 
 def _padded_eval(
-    data_cfg: Any, share: grain.MapDataset, batch_size: int, num_batches: int
+    data_cfg: Any,
+    records: grain.MapDataset,
+    to_float_map: Any,
+    spec: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    batch_size: int,
+    num_batches: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    size = data_cfg.image_size
+    """Batches `records`, zero-pads the last batch and appends all-padding batches (per `spec`)."""
+
+    def zeros(n: int) -> dict[str, np.ndarray]:
+        return {k: np.zeros((n, *shape), dtype) for k, (shape, dtype) in spec.items()}
+
     emitted = 0
-    if len(share) > 0:
-        ds = share.map(EvalTransform(size)).batch(batch_size, drop_remainder=False)
-        it = iter(_to_iter(ds.map(_float_batch), data_cfg))
+    if len(records) > 0:
+        ds = records.batch(batch_size, drop_remainder=False).map(to_float_map)
+        it = iter(_to_iter(ds, data_cfg))
         try:
             for batch in it:
-                n = len(batch["label"])
+                n = len(batch["mask"])
                 if n < batch_size:
-                    pad = batch_size - n
-                    batch = {
-                        "image": np.concatenate(
-                            [batch["image"], np.zeros((pad, size, size, 3), np.float32)]
-                        ),
-                        "label": np.concatenate([batch["label"], np.zeros(pad, np.int32)]),
-                        "mask": np.concatenate([batch["mask"], np.zeros(pad, np.bool_)]),
-                    }
+                    pad = zeros(batch_size - n)
+                    batch = {k: np.concatenate([v, pad[k]]) for k, v in batch.items()}
                 emitted += 1
                 yield batch
         finally:
@@ -293,8 +396,4 @@ def _padded_eval(
             if close is not None:
                 close()
     for _ in range(num_batches - emitted):
-        yield {
-            "image": np.zeros((batch_size, size, size, 3), np.float32),
-            "label": np.zeros(batch_size, np.int32),
-            "mask": np.zeros(batch_size, np.bool_),
-        }
+        yield zeros(batch_size)
