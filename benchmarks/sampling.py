@@ -25,16 +25,13 @@ import optax
 from tokpost_jax import config_lib
 from tokpost_jax.models import generator as gen
 from tokpost_jax.sampling import sample
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0,
-               "TPU v5 lite": 197.0, "TPU v5e": 197.0}
+from tokpost_jax.train import mfu as mfu_lib
 
 
 def peak_tflops(device: jax.Device) -> float | None:
-    for name, peak in PEAK_TFLOPS.items():
-        if name.lower() in device.device_kind.lower():
-            return peak
-    return None
+    """Peak of the devices this benchmark runs on (tokpost_jax.train.mfu's table)."""
+    peak = mfu_lib.peak_tflops(device)
+    return None if peak is None else peak
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

@@ -22,11 +22,9 @@ import numpy as np
 
 from tokpost_jax import sharding as shd
 from tokpost_jax.config_lib import load_config_file
+from tokpost_jax.train import mfu as mfu_lib
 from tokpost_jax.train.loop import ShardedStage
 from tokpost_jax.train.tokenizer import TokenizerStage
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5p": 459.0,
-               "TPU v5 lite": 197.0, "TPU v6 lite": 918.0}
 
 VARIANTS = {
     "as_configured": {},
@@ -38,10 +36,9 @@ VARIANTS = {
 
 
 def peak_tflops(device: jax.Device) -> float | None:
-    for name, peak in PEAK_TFLOPS.items():
-        if name.lower() in device.device_kind.lower():
-            return peak * jax.device_count()
-    return None
+    """Peak of the devices this benchmark runs on (tokpost_jax.train.mfu's table)."""
+    peak = mfu_lib.peak_tflops(device)
+    return None if peak is None else peak * jax.device_count()
 
 
 def bench(config_path: str, overrides: dict, batch: int, steps: int) -> dict:

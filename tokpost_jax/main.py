@@ -18,6 +18,7 @@ from ml_collections import config_flags
 # trainer name (config.trainer) → "module:Stage class"
 TRAINERS = {
     "tokenizer": "tokpost_jax.train.tokenizer:TokenizerStage",
+    "generator": "tokpost_jax.train.generator:GeneratorStage",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -76,6 +76,11 @@ class Stage(abc.ABC):
         """Evaluator name → result; called by the loop at its cadence with the on-device
         :meth:`frozen_params` the train step uses."""
 
+    def throughput_scalars(self, images_per_second: float) -> dict[str, float]:
+        """Extra throughput numbers to log (e.g. tokens/s and MFU); default none."""
+        del images_per_second
+        return {}
+
     def load_pretrained(self, state: TrainState) -> TrainState:
         """Imports external weights named by the config into a fresh state (default: none)."""
         return state
@@ -305,6 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
                     rate = (step - interval_start) * config.batch_size / max(elapsed, 1e-9)
                     scalars["img_per_sec"] = rate
                     scalars["eta_min"] = (total_steps - step) * config.batch_size / rate / 60
+                    scalars.update(stage.throughput_scalars(rate))
                     writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                     logging.info(
                         "[train @ %d/%d] %s",

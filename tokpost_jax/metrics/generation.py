@@ -1,0 +1,198 @@
+"""gFID: sample class-balanced images with the generator, decode them, score against a reference.
+
+Labels are ``i mod num_classes`` for sample i (50 per class for 50k ImageNet samples, as RAR's
+sampling script). Each fixed-size batch is sampled (KV cache, CFG schedule), decoded with the
+tokenizer and quantized to uint8 inside one jitted function on the mesh; the uint8 images go
+through the Inception network and come back to the host, where FID, sFID, precision/recall and
+(with logits) IS are computed against the reference activations.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from tokpost_jax import images as images_lib
+from tokpost_jax import sampling
+from tokpost_jax import sharding as shd
+from tokpost_jax.checkpoint import load_params
+from tokpost_jax.metrics import features as features_lib
+from tokpost_jax.metrics import reference as ref_lib
+from tokpost_jax.models.generator import RAR
+from tokpost_jax.models.tokenizer import Tokenizer
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
+    return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+class GenerationEvaluator:
+    """Samples → decoded uint8 images → Inception features → metrics against ``reference``."""
+
+    def __init__(
+        self,
+        generator: RAR,
+        tokenizer: Tokenizer,
+        tokenizer_params: Any,
+        extractor: features_lib.InceptionExtractor,
+        sampling_cfg: ml_collections.ConfigDict,
+        reference: Any,
+        *,
+        seed: int,
+        frechet_method: str = "eigh",
+    ):
+        """``reference``: Activations, or a zero-argument callable returning them (computed on
+        first use, so a run that never reaches gFID never pays for the reference)."""
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.extractor = extractor
+        self.sampling = sampling_cfg
+        self._reference = reference
+        self.seed = seed
+        self.frechet_method = frechet_method
+        repl = shd.replicated(extractor.mesh)
+        self.tokenizer_params = jax.device_put(tokenizer_params, repl)
+        self._images = jax.jit(self._images_fn, out_shardings=extractor.batch_sharding)
+
+    @functools.cached_property
+    def reference(self) -> features_lib.Activations:
+        return self._reference() if callable(self._reference) else self._reference
+
+    def _images_fn(self, gen_params: Any, tok_params: Any, labels: jax.Array, rng: jax.Array):
+        s = self.sampling
+        tokens = sampling.sample(
+            self.generator, {"params": gen_params}, labels, rng,
+            guidance=float(s.guidance), power=float(s.power), temperature=float(s.temperature),
+            top_k=int(s.top_k), top_p=float(s.top_p),
+        )
+        decoded = self.tokenizer.apply({"params": tok_params}, tokens, method=Tokenizer.decode)
+        return features_lib.quantize_uint8(decoded)
+
+    def _batches(self, labels: np.ndarray):
+        """(global label batch, global mask, batch index) with the last batch padded."""
+        size = self.extractor.batch_size
+        per_host = size // jax.process_count()
+        lo = jax.process_index() * per_host
+        for b, start in enumerate(range(0, len(labels), size)):
+            chunk = labels[start : start + size]
+            mask = np.arange(size) < len(chunk)
+            chunk = np.concatenate([chunk, np.zeros(size - len(chunk), np.int32)])
+            local = {"label": chunk[lo : lo + per_host]}
+            yield shd.host_to_global(local, self.extractor.batch_sharding)["label"], mask, b
+
+    def sample_images(
+        self, gen_params: Any, labels: np.ndarray, tokenizer_params: Any = None
+    ) -> np.ndarray:
+        """uint8 [n, S, S, 3] samples for ``labels`` (seeded per batch: reproducible)."""
+        tok = self.tokenizer_params if tokenizer_params is None else tokenizer_params
+        base = jax.random.PRNGKey(self.seed)
+        out = []
+        for batch, mask, b in self._batches(np.asarray(labels, np.int32)):
+            images = self._images(gen_params, tok, batch, jax.random.fold_in(base, b))
+            out.append(features_lib.gather(images)[mask])
+        return np.concatenate(out)
+
+    def run(
+        self, gen_params: Any, *, num_samples: int, tokenizer_params: Any = None
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """(gFID/sFID/precision/recall[/IS], uint8 samples) of ``num_samples`` balanced samples.
+
+        ``tokenizer_params`` replaces the decoder weights (e.g. after post-training); the same
+        seed then gives the same tokens, so two decoders are compared on identical samples.
+        """
+        tok = self.tokenizer_params if tokenizer_params is None else tokenizer_params
+        labels = balanced_labels(num_samples, self.generator.num_classes)
+        acts = self.extractor.new_activations(keep_rows=True)
+        base = jax.random.PRNGKey(self.seed)
+        kept = []
+        for batch, mask, b in self._batches(labels):
+            images = self._images(gen_params, tok, batch, jax.random.fold_in(base, b))
+            self.extractor.add_batch(images, mask, acts)
+            kept.append(features_lib.gather(images)[mask])
+        metrics = features_lib.report(self.reference, acts, method=self.frechet_method)
+        metrics["num_samples"] = float(acts.count)
+        return metrics, np.concatenate(kept)
+
+    def run_uniform_tokens(
+        self, *, num_samples: int, tokenizer_params: Any = None
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """The same metrics for i.i.d. uniform tokens decoded by the tokenizer: the floor a
+        generator must beat (it shows what the decoder alone makes of structureless codes)."""
+        tok = self.tokenizer_params if tokenizer_params is None else tokenizer_params
+        n, k = self.generator.num_tokens, self.generator.codebook_size
+
+        def decode(params, labels, rng):
+            tokens = jax.random.randint(rng, (labels.shape[0], n), 0, k)
+            images = self.tokenizer.apply({"params": params}, tokens, method=Tokenizer.decode)
+            return features_lib.quantize_uint8(images)
+
+        fn = jax.jit(decode, out_shardings=self.extractor.batch_sharding)
+        acts = self.extractor.new_activations(keep_rows=True)
+        base = jax.random.PRNGKey(self.seed + 1)
+        kept = []
+        labels = balanced_labels(num_samples, self.generator.num_classes)
+        for batch, mask, b in self._batches(labels):
+            images = fn(tok, batch, jax.random.fold_in(base, b))
+            self.extractor.add_batch(images, mask, acts)
+            kept.append(features_lib.gather(images)[mask])
+        metrics = features_lib.report(self.reference, acts, method=self.frechet_method)
+        metrics["num_samples"] = float(acts.count)
+        return metrics, np.concatenate(kept)
+
+    def grid(self, samples: np.ndarray) -> np.ndarray:
+        ncols = int(np.ceil(np.sqrt(max(len(samples), 1))))
+        return images_lib.make_grid(samples, ncols)
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple:
+    """(Tokenizer module, params) of ``config.tokenizer`` from ``config.tokenizer_workdir``."""
+    from tokpost_jax.train.tokenizer import build_tokenizer
+
+    workdir = workdir or config.tokenizer_workdir
+    if not workdir:
+        raise FileNotFoundError(
+            "config.tokenizer_workdir is not set: gFID decodes samples with a trained tokenizer; "
+            "pass --config.tokenizer_workdir=<tokenizer run dir>"
+        )
+    params = load_params(os.path.join(workdir, "checkpoints"), key=config.tokenizer_params_key)
+    return build_tokenizer(config.tokenizer), params
+
+
+def reference_loader(config: ml_collections.ConfigDict, extractor: features_lib.InceptionExtractor):
+    """A callable giving the gFID reference: ``gfid.reference`` (ADM ``.npz``) if set, else the
+    first ``gfid.num_reference`` images of the tokenizer data's eval split."""
+    g = config.gfid
+
+    def load() -> features_lib.Activations:
+        if g.reference:
+            return ref_lib.read_reference(g.reference, extractor)
+        data = config.tokenizer.data
+        acts, _ = ref_lib.split_reference(
+            data, data.eval_split, extractor, num_images=g.num_reference
+        )
+        return acts
+
+    return load
+
+
+def evaluator_from_config(
+    config: ml_collections.ConfigDict,
+    generator: RAR,
+    mesh: Any,
+    tokenizer_workdir: str | None = None,
+) -> GenerationEvaluator:
+    rules = shd.rules_tuple(config.sharding_rules)
+    tokenizer, tok_params = load_tokenizer(config, tokenizer_workdir)
+    extractor = features_lib.InceptionExtractor(
+        mesh, rules, batch_size=config.gfid.batch_size, weights_path=config.gfid.inception_weights
+    )
+    return GenerationEvaluator(
+        generator, tokenizer, tok_params, extractor, config.sampling,
+        reference_loader(config, extractor), seed=config.gfid.seed,
+        frechet_method=config.gfid.frechet_method,
+    )

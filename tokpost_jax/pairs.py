@@ -1,0 +1,472 @@
+"""Paired post-training data: real images and teacher-forced generator samples (robustok.md §9.1).
+
+For each image of a seeded random subset of a split: encode its ADM center crop to ground-truth
+indices g (raster), draw a per-token Bernoulli(σ) mask m, run the RAR sampler with the true label
+and CFG settings while forcing token j to g_j wherever m_j (the forced tokens are the prefix both
+CFG branches see), decode the result and quantize it to uint8 as saved samples are. σ = 1 is plain
+reconstruction (bit-exact), σ = 0 free class-conditional generation.
+
+Records (one per subset image), in shards under ``<out_dir>/train`` whatever the source split,
+because post-training reads the pairs as its train split (``data.name="shards"``,
+``data.data_dir=<out_dir>``, ``data.image_fields=("image", "generated")``):
+
+  generated      uint8 [S, S, 3]  the decoded teacher-forced sample (the decoder's input side)
+  image          uint8 [S, S, 3]  the real ADM center crop (the target)
+  label          int32            its class id, the label the sampler was given
+  index          int64            the image's index in the source split (pairing and provenance)
+  teacher_mask   bool  [L]        m: True where the ground-truth token was kept (raster order)
+
+Determinism: the subset is ``numpy.random.default_rng(seed).choice(len(split), num_images,
+replace=False)``, stored in ascending source index (sorted: sequential reads from the source);
+an image's mask depends only on (seed, its source index), so not on the batch size, the device
+count or restarts; the sampler's rng is one per global batch, ``fold_in(seed, first record of
+the batch)``, since :func:`tokpost_jax.sampling.sample` draws a batch from one key. Batches never
+straddle shards, so a resumed run recomputes exactly what a fresh one would; the global batch
+size is pinned in the manifest for that reason.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from tokpost_jax import sharding as shd
+from tokpost_jax.data import pipeline
+from tokpost_jax.data.preprocess import center_crop, to_float
+from tokpost_jax.data.shards import FieldSpec, ShardWriter
+from tokpost_jax.data.sources import DataError
+from tokpost_jax.metrics.features import quantize_uint8
+from tokpost_jax.models.generator import RAR
+from tokpost_jax.pretokenize import _device_params, _sync_plan, params_fingerprint
+from tokpost_jax.sampling import sample
+
+__all__ = [
+    "DEFAULT_RECORDS_PER_SHARD",
+    "OUTPUT_SPLIT",
+    "PairsResult",
+    "choose_subset",
+    "generate_pairs",
+    "teacher_mask",
+]
+
+# ~400 MB per shard at 256x256 (two uint8 images per record): a kill loses at most one shard.
+DEFAULT_RECORDS_PER_SHARD = 1024
+OUTPUT_SPLIT = "train"  # post-training trains on the pairs, whatever split they came from
+
+# fold_in streams of the user seed: the masks and the sampler must never share random bits.
+_MASK_STREAM = 0
+_SAMPLE_STREAM = 1
+
+_SAMPLING_REQUIRED = ("guidance", "power", "temperature")
+_SAMPLING_DEFAULTS = {"top_k": 0, "top_p": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsResult:
+    directory: str  # <out_dir>/train
+    num_records: int
+    num_shards: int
+    computed: tuple[int, ...]  # shards this call computed (empty when everything was on disk)
+
+
+def choose_subset(num_source: int, num_images: int, seed: int) -> np.ndarray:
+    """Sorted int64 source indices of the subset: `num_images` drawn without replacement.
+
+    Why public: tests and analyses recompute which images a pair set holds from its manifest.
+    """
+    if not 1 <= num_images <= num_source:
+        raise ValueError(f"num_images={num_images} must be in [1, {num_source}] (the split size)")
+    chosen = np.random.default_rng(seed).choice(num_source, size=num_images, replace=False)
+    return np.sort(chosen).astype(np.int64)
+
+
+def teacher_mask(seed: int, indices: jax.Array, sigma: float, num_tokens: int) -> jax.Array:
+    """[B, num_tokens] bool Bernoulli(σ) masks, row b from (seed, ``indices[b]``) alone.
+
+    Why per row: a batch-wide draw would change an image's mask with the batch size or its
+    position in a batch; negative indices (padding rows) are treated as 0.
+    """
+    base = jax.random.fold_in(jax.random.key(seed), _MASK_STREAM)
+    rows = jnp.maximum(jnp.asarray(indices, jnp.int32), 0)
+
+    def row(i: jax.Array) -> jax.Array:
+        return jax.random.bernoulli(jax.random.fold_in(base, i), sigma, (num_tokens,))
+
+    return jax.vmap(row)(rows)
+
+
+def _sampling_settings(sampling: Any) -> dict[str, Any]:
+    """The sampler's CFG settings as plain numbers: JSON for the manifest, static for jit."""
+    raw = sampling.to_dict() if hasattr(sampling, "to_dict") else dict(sampling)
+    unknown = sorted(set(raw) - set(_SAMPLING_REQUIRED) - set(_SAMPLING_DEFAULTS))
+    missing = [k for k in _SAMPLING_REQUIRED if k not in raw]
+    if unknown or missing:
+        raise ValueError(
+            f"sampling needs {list(_SAMPLING_REQUIRED)} (optional {sorted(_SAMPLING_DEFAULTS)}); "
+            f"missing {missing}, unknown {unknown}"
+        )
+    out = {**_SAMPLING_DEFAULTS, **raw}
+    settings = {k: float(out[k]) for k in (*_SAMPLING_REQUIRED, "top_p")}
+    settings["top_k"] = int(out["top_k"])
+    return settings
+
+
+def _subset_fingerprint(chosen: np.ndarray) -> str:
+    """Hash of the subset, so a numpy whose ``choice`` draws differently is refused on resume."""
+    return hashlib.blake2b(chosen.astype("<i8").tobytes(), digest_size=16).hexdigest()
+
+
+def _generator_variables(model: RAR, variables: Any, mesh: Any, rules: Any) -> Any:
+    """Host generator variables placed with their training shardings; shape-checked first."""
+    n = model.num_tokens
+    abstract = jax.eval_shape(
+        model.init,
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, n), jnp.int32),
+        jnp.zeros((1,), jnp.int32),
+        jnp.arange(n, dtype=jnp.int32)[None],
+    )
+    variables = shd.strip_boxes(dict(variables))
+    want = {
+        jax.tree_util.keystr(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(shd.strip_boxes(abstract))[0]
+    }
+    got = {
+        jax.tree_util.keystr(p): tuple(np.shape(x))
+        for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]
+    }
+    if want != got:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise ValueError(
+            "generator variables do not match the RAR module (they must be {'params': ...} of "
+            "this size); differing entries (path: expected vs given): "
+            + "; ".join(f"{k}: {want.get(k)} vs {got.get(k)}" for k in diff[:5])
+        )
+    shardings = shd.logical_shardings(abstract, mesh, rules)
+    dtypes = jax.tree.map(lambda a: a.dtype, shd.strip_boxes(abstract))
+    host = jax.tree.map(lambda x, dt: np.asarray(x, dt), variables, dtypes)
+    return jax.tree.map(jax.device_put, host, shardings)
+
+
+class _PairReader:
+    """Host-side real crops and labels of subset records, decoded on a thread pool."""
+
+    def __init__(
+        self, source: Any, chosen: np.ndarray, size: int, num_classes: int, num_threads: int
+    ):
+        self.source = source
+        self.chosen = chosen
+        self.size = size
+        self.num_classes = num_classes
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+
+    def _record(self, position: int) -> tuple[np.ndarray, int]:
+        index = int(self.chosen[position])
+        record = self.source[index]
+        label = int(record["label"])
+        if not 0 <= label < self.num_classes:
+            raise DataError(
+                f"image {index} has label {label}, outside the generator's classes "
+                f"[0, {self.num_classes})"
+            )
+        return center_crop(record["image"], self.size), label
+
+    def read(self, lo: int, hi: int, rows: int) -> dict[str, np.ndarray]:
+        """Records [lo, hi) padded with zeros (position and index -1) to `rows` rows."""
+        images = np.zeros((rows, self.size, self.size, 3), np.uint8)
+        labels = np.zeros((rows,), np.int32)
+        position = np.full((rows,), -1, np.int32)
+        index = np.full((rows,), -1, np.int32)
+        for r, (crop, label) in enumerate(self.pool.map(self._record, range(lo, hi))):
+            images[r], labels[r] = crop, label
+        position[: hi - lo] = np.arange(lo, hi)
+        index[: hi - lo] = self.chosen[lo:hi]
+        # The float view is converted here with the pipeline's exact to_float; the uint8 crop
+        # travels through the device too, so process 0 can store every host's real images.
+        return {
+            "pixels": to_float(images),
+            "image": images,
+            "label": labels,
+            "index": index,
+            "position": position,
+        }
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def generate_pairs(
+    tokenizer_config: ml_collections.ConfigDict,
+    tokenizer_params: Any,
+    generator: RAR,
+    generator_variables: Any,
+    out_dir: str | os.PathLike,
+    *,
+    split: str,
+    num_images: int,
+    sigma: float,
+    seed: int,
+    sampling: Mapping[str, Any],
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    rules: Any,
+    records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
+    metadata: Mapping[str, Any] | None = None,
+    num_threads: int = 8,
+) -> PairsResult:
+    """Writes `num_images` (generated, real) pairs of ``tokenizer_config.data``'s `split`.
+
+    Output goes to ``<out_dir>/train`` regardless of `split` (post-training's train split; the
+    source split is in the manifest). `tokenizer_params` are host tokenizer parameters (e.g. the
+    EMA ones), `generator_variables` the RAR's ``{"params": ...}``; `sampling` holds guidance,
+    power, temperature and optionally top_k / top_p. `batch_size` is global (a multiple of the
+    hosts and of the batch shards of `mesh`). Only shards missing on disk are computed; σ, seed,
+    the subset, the sampling settings, the batch size and fingerprints of both parameter trees
+    are pinned in the manifest, with `metadata`, so a rerun with other settings is refused.
+    """
+    # On use: tokpost_jax.train pulls in clu (and so TensorFlow) and the GAN/LPIPS code.
+    from tokpost_jax.train.tokenizer import build_tokenizer
+
+    if not 0.0 <= float(sigma) <= 1.0:
+        raise ValueError(f"sigma={sigma} must be in [0, 1] (the fraction of kept GT tokens)")
+    if not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    settings = _sampling_settings(sampling)
+    rules = shd.rules_tuple(rules)
+    hosts = jax.process_count()
+    split_size = shd.batch_split_size(mesh, rules)
+    if batch_size < 1 or batch_size % hosts or batch_size % split_size:
+        raise ValueError(
+            f"batch_size={batch_size} must be a positive multiple of the number of hosts "
+            f"({hosts}) and of batch shards ({split_size})"
+        )
+    cfg = tokenizer_config
+    size = int(cfg.data.image_size)
+    num_tokens, codebook = int(cfg.model.num_latent_tokens), int(cfg.model.codebook_size)
+    if generator.num_tokens != num_tokens or generator.codebook_size != codebook:
+        raise ValueError(
+            f"the generator models {generator.num_tokens} tokens of a {generator.codebook_size}-"
+            f"code book, the tokenizer makes {num_tokens} of {codebook}"
+        )
+    tokenizer = build_tokenizer(cfg)
+    source = pipeline.make_source(cfg.data, split)
+    if len(source) >= 2**31:
+        raise ValueError(f"{len(source)} source images do not fit int32 indices")
+    chosen = choose_subset(len(source), int(num_images), int(seed))
+    directory = os.path.join(os.fspath(out_dir), OUTPUT_SPLIT)
+    manifest_meta = {
+        "producer": "tokpost_jax.pairs.generate_pairs (rerun the same call to finish it)",
+        "dataset": cfg.data.name,
+        "source_split": split,
+        "source_size": len(source),
+        "num_images": int(num_images),
+        "seed": int(seed),
+        "subset_fingerprint": _subset_fingerprint(chosen),
+        "sigma": float(sigma),
+        "sampling": settings,
+        "batch_size": int(batch_size),  # the sampler's rng is per global batch
+        "image_size": size,
+        "num_latent_tokens": num_tokens,
+        "codebook_size": codebook,
+        "tokenizer_dtype": str(jnp.dtype(cfg.dtype)),
+        "generator_dtype": str(jnp.dtype(generator.dtype)),
+        "tokenizer_params_fingerprint": params_fingerprint(shd.strip_boxes(tokenizer_params)),
+        "generator_params_fingerprint": params_fingerprint(shd.strip_boxes(generator_variables)),
+        **dict(metadata or {}),
+    }
+    fields = {
+        "generated": FieldSpec(np.dtype(np.uint8), (size, size, 3)),
+        "image": FieldSpec(np.dtype(np.uint8), (size, size, 3)),
+        "label": FieldSpec(np.dtype(np.int32), ()),
+        "index": FieldSpec(np.dtype(np.int64), ()),
+        "teacher_mask": FieldSpec(np.dtype(np.bool_), (num_tokens,)),
+    }
+    writer, error = None, None
+    try:
+        writer = ShardWriter(
+            directory,
+            num_records=len(chosen),
+            records_per_shard=records_per_shard,
+            fields=fields,
+            metadata=manifest_meta,
+            process_index=jax.process_index(),
+        )
+    except DataError as e:  # raised on every host after the broadcast, so none hangs
+        error = e
+    num_shards = math.ceil(len(chosen) / records_per_shard)
+    todo = _sync_plan(num_shards, writer, error)
+    assert writer is not None  # _sync_plan raised otherwise
+    logging.info(
+        "Pairs (σ=%g) from %s/%s (%d of %d images, %d shards) → %s: %d shards to compute.",
+        sigma,
+        cfg.data.name,
+        split,
+        len(chosen),
+        len(source),
+        num_shards,
+        directory,
+        len(todo),
+    )
+    if todo:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            tok_params = _device_params(tokenizer, tokenizer_params, size, mesh, rules)
+            gen_vars = _generator_variables(generator, generator_variables, mesh, rules)
+            batch_sharding = shd.batch_sharding(mesh, rules)
+            step = _pair_step(
+                tokenizer, generator, float(sigma), int(seed), settings, batch_sharding
+            )
+            reader = _PairReader(source, chosen, size, generator.num_classes, num_threads)
+            try:
+                _run(
+                    step,
+                    tok_params,
+                    gen_vars,
+                    reader,
+                    writer,
+                    todo,
+                    batch_size,
+                    num_tokens,
+                    batch_sharding,
+                )
+            finally:
+                reader.close()
+    writer.finalize()  # a no-op off process 0
+    return PairsResult(directory, len(chosen), num_shards, tuple(todo))
+
+
+def _pair_step(
+    tokenizer: nn.Module,
+    generator: RAR,
+    sigma: float,
+    seed: int,
+    settings: Mapping[str, Any],
+    batch_sharding: jax.sharding.NamedSharding,
+) -> Any:
+    """The jitted batch function: encode → teacher-forced sample → decode → uint8."""
+
+    def step(
+        tok_params: Any, gen_vars: Any, batch: dict[str, jax.Array], start: jax.Array
+    ) -> dict[str, jax.Array]:
+        variables = {"params": tok_params}
+        truth = tokenizer.apply(variables, batch["pixels"], method="encode").astype(jnp.int32)
+        mask = teacher_mask(seed, batch["index"], sigma, truth.shape[1])
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _SAMPLE_STREAM), start)
+        tokens = sample(
+            generator,
+            gen_vars,
+            batch["label"],
+            rng,
+            **settings,
+            teacher_tokens=truth,
+            teacher_mask=mask,
+        )
+        images = tokenizer.apply(variables, tokens, method="decode")
+        return {
+            "generated": quantize_uint8(images),
+            "image": batch["image"],
+            "label": batch["label"],
+            "index": batch["index"],
+            "position": batch["position"],
+            "teacher_mask": mask,
+        }
+
+    return jax.jit(step, out_shardings=batch_sharding)
+
+
+def _run(
+    step: Any,
+    tok_params: Any,
+    gen_vars: Any,
+    reader: _PairReader,
+    writer: ShardWriter,
+    todo: list[int],
+    batch_size: int,
+    num_tokens: int,
+    batch_sharding: jax.sharding.NamedSharding,
+) -> None:
+    """The device loop: read the next batch while this one runs, gather, fill, write shards."""
+    local = batch_size // jax.process_count()
+    host = jax.process_index()
+    # (shard, global chunk start, global chunk stop); chunks never straddle shards.
+    plan = [
+        (s, c, min(c + batch_size, writer.shard_range(s).stop))
+        for s in todo
+        for c in range(writer.shard_range(s).start, writer.shard_range(s).stop, batch_size)
+    ]
+    prefetch = concurrent.futures.ThreadPoolExecutor(1)
+
+    def read(k: int) -> concurrent.futures.Future:
+        _, c0, c1 = plan[k]
+        lo = min(c0 + host * local, c1)
+        return prefetch.submit(reader.read, lo, min(lo + local, c1), local)
+
+    buffers: dict[int, dict[str, np.ndarray]] = {}
+    filled: dict[int, int] = {}
+    size = reader.size
+
+    def collect(k: int, out: dict[str, jax.Array]) -> None:
+        shard = plan[k][0]
+        rng = writer.shard_range(shard)
+        got = multihost_utils.process_allgather(out, tiled=True)
+        position = np.asarray(got["position"])
+        keep = position >= 0
+        if shard not in buffers:
+            n = len(rng)
+            buffers[shard] = {
+                "generated": np.zeros((n, size, size, 3), np.uint8),
+                "image": np.zeros((n, size, size, 3), np.uint8),
+                "label": np.zeros((n,), np.int32),
+                "index": np.zeros((n,), np.int64),
+                "teacher_mask": np.zeros((n, num_tokens), np.bool_),
+            }
+            filled[shard] = 0
+        rows = position[keep] - rng.start
+        for name, buf in buffers[shard].items():
+            buf[rows] = np.asarray(got[name])[keep]
+        filled[shard] += int(keep.sum())
+        if filled[shard] == len(rng):
+            writer.write_shard(shard, buffers.pop(shard))
+        elif filled[shard] > len(rng):
+            raise RuntimeError(f"shard {shard}: {filled[shard]} records for {len(rng)} rows")
+
+    t0, done = time.time(), 0
+    try:
+        pending: tuple[int, dict[str, jax.Array]] | None = None
+        next_batch = read(0)
+        for k in range(len(plan)):
+            local_batch = next_batch.result()
+            if k + 1 < len(plan):
+                next_batch = read(k + 1)
+            batch = shd.host_to_global(local_batch, batch_sharding)
+            out = step(tok_params, gen_vars, batch, np.int32(plan[k][1]))
+            if pending is not None:  # gather the previous batch while this one samples
+                collect(*pending)
+            pending = (k, out)
+            done += plan[k][2] - plan[k][1]
+            if (k + 1) % 10 == 0:
+                logging.info(
+                    "Pairs: %d/%d batches, %.1f records/s.",
+                    k + 1,
+                    len(plan),
+                    done / max(time.time() - t0, 1e-9),
+                )
+        if pending is not None:
+            collect(*pending)
+    finally:
+        prefetch.shutdown(wait=False, cancel_futures=True)
+    if buffers:
+        raise RuntimeError(f"shards {sorted(buffers)} were not filled completely")
