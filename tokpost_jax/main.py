@@ -19,6 +19,7 @@ from ml_collections import config_flags
 TRAINERS = {
     "tokenizer": "tokpost_jax.train.tokenizer:TokenizerStage",
     "generator": "tokpost_jax.train.generator:GeneratorStage",
+    "post_train": "tokpost_jax.train.post_train:PostTrainStage",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,8 +63,8 @@ def summary_table(history: list[dict], workdir: str) -> str:
     )
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def setup_process() -> None:
+    """Process-wide setup shared by the entry points (main, pipeline)."""
     logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
@@ -77,8 +78,30 @@ def main(argv: list[str]) -> None:
     except ImportError:
         pass
 
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input (config, data, files, weights): reported in one line, no trace."""
     from tokpost_jax.checkpoint import CheckpointError
+    from tokpost_jax.convert.inception_weights import InceptionWeightsError
     from tokpost_jax.data import DataError
+    from tokpost_jax.metrics.reference import ReferenceError
+    from tokpost_jax.train.loop import NonFiniteLossError
+
+    return (DataError, CheckpointError, NonFiniteLossError, FileNotFoundError,
+            InceptionWeightsError, ReferenceError)
+
+
+def exit_with(e: BaseException) -> None:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    setup_process()
+    import jax
+
     from tokpost_jax.train import loop
 
     config = _CONFIG.value
@@ -86,10 +109,8 @@ def main(argv: list[str]) -> None:
     logging.info("Config:\n%s", config)
     try:
         history = loop.train(config, workdir, stage_class(config.trainer))
-    except (DataError, CheckpointError, loop.NonFiniteLossError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except user_errors() as e:
+        exit_with(e)
     if jax.process_index() == 0 and history:
         print(summary_table(history, workdir))
 

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -62,9 +63,21 @@ def strip_boxes(tree: Any) -> Any:
     )
 
 
+def _unbox_empty(tree: Any) -> Any:
+    """Boxes around optax's ``MaskedNode`` (a frozen parameter's empty optimizer slot) → the bare
+    node, which has no leaves and so needs no sharding."""
+    return jax.tree.map(
+        lambda x: x.value
+        if isinstance(x, nn.meta.AxisMetadata) and isinstance(x.value, optax.MaskedNode)
+        else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
+
+
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a tree whose leaves may be ``nn.Partitioned`` boxes (unboxed shape)."""
-    specs = nn.get_partition_spec(abstract_boxed)
+    specs = nn.get_partition_spec(_unbox_empty(abstract_boxed))
     return nn.logical_to_mesh_sharding(specs, mesh, rules_tuple(rules))
 
 

@@ -87,12 +87,15 @@ class Stage(abc.ABC):
 
     def warm_start(self, state: TrainState, params: Any) -> TrainState:
         """Replaces parameters (and their EMA) with ``params`` from another run."""
-        params = jax.tree.map(
-            lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
-            params,
-            state.params,
-        )
-        return state.replace(params=params, ema_params=params)
+        def put(tree: Any) -> Any:
+            return jax.tree.map(
+                lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding),
+                tree,
+                state.params,
+            )
+
+        # Separate buffers: the step donates the state, and one buffer cannot be donated twice.
+        return state.replace(params=put(params), ema_params=put(params))
 
 
 def total_steps_from_config(config: ml_collections.ConfigDict) -> int:

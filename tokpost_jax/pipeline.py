@@ -1,0 +1,327 @@
+r"""The two-stage method as ordered, resumable stages, ending in the paper-style table.
+
+tokenizer main training → rFID/pFID → gFID reference → pretokenization → generator training →
+gFID → paired data (teacher forcing at σ) → decoder post-training → gFID again (EMA and raw
+decoder). Each stage works in ``<workdir>/<stage>/`` and finishes by writing ``DONE.json`` with
+its results; a rerun skips finished stages and resumes the unfinished one (the trainers, the
+shard writers and the evaluators are all restartable), so a kill at any moment loses at most the
+work since the last checkpoint or shard.
+
+COMMAND (demo, CPU):
+  python -m tokpost_jax.pipeline --config=configs/pipeline.py:demo --workdir=runs/pipeline_demo
+
+Writes ``<workdir>/results.md`` and ``results.json`` (rFID, pFID, gFID / sFID / precision /
+recall without and with post-training) and ``<workdir>/samples_before_after.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tokpost_jax import checkpoint as ckpt_lib
+from tokpost_jax import images as images_lib
+from tokpost_jax import sharding as shd
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pipeline.py:<variant>")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage of the pipeline.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+STAGES = (
+    "tokenizer",
+    "tokenizer_eval",
+    "reference",
+    "pretokenize",
+    "generator",
+    "gfid_before",
+    "pairs",
+    "post_train",
+    "gfid_after",
+)
+
+
+def _copy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(cfg.to_dict())
+
+
+def _write_json(path: str, payload: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """Stage configs derived from one pipeline config; every path under one workdir."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.tokenizer = config.tokenizer
+        tok = self.tokenizer
+        # What links the stages is filled in here, from the tokenizer's config.
+        g = self.generator = _copy(config.generator)
+        g.tokenizer = _copy(tok)
+        g.tokenizer_workdir = self.dir("tokenizer")
+        g.data.data_dir = self.dir("pretokenize")
+        g.data.image_size = tok.data.image_size
+        g.model.codebook_size = tok.model.codebook_size
+        g.model.num_tokens = tok.model.num_latent_tokens
+        g.gfid.reference = self.reference_path
+        p = self.post = _copy(config.post_train)
+        p.model = _copy(tok.model)
+        p.eval_data = _copy(tok.data)
+        p.data.image_size = tok.data.image_size
+        p.init_from.workdir = self.dir("tokenizer")
+        p.data.data_dir = self.dir("pairs")
+        self.mesh = shd.make_mesh(config.mesh)
+        self.rules = shd.rules_tuple(config.sharding_rules)
+
+    def dir(self, stage: str) -> str:
+        return os.path.join(self.workdir, stage)
+
+    @property
+    def reference_path(self) -> str:
+        return os.path.join(self.dir("reference"), "reference.npz")
+
+    # ---- stage bookkeeping ---------------------------------------------------------------------
+    def done(self, stage: str) -> dict | None:
+        path = os.path.join(self.dir(stage), "DONE.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def run_stage(self, stage: str, fn: Callable[[], dict]) -> dict:
+        finished = self.done(stage)
+        if finished is not None:
+            logging.info("Stage %s: done before, skipped.", stage)
+            print(f"[pipeline] {stage}: done (skipped)", flush=True)
+            return finished
+        os.makedirs(self.dir(stage), exist_ok=True)
+        print(f"[pipeline] {stage}: running", flush=True)
+        t0 = time.time()
+        result = fn()
+        result = {**result, "seconds": round(time.time() - t0, 1)}
+        if jax.process_index() == 0:
+            _write_json(os.path.join(self.dir(stage), "DONE.json"), result)
+        print(f"[pipeline] {stage}: finished in {result['seconds']:.0f}s", flush=True)
+        return result
+
+    # ---- stages --------------------------------------------------------------------------------
+    def train_tokenizer(self) -> dict:
+        from tokpost_jax.train.loop import train
+        from tokpost_jax.train.tokenizer import TokenizerStage
+
+        history = train(self.tokenizer, self.dir("tokenizer"), TokenizerStage)
+        return {"final_eval": history[-1] if history else {}}
+
+    def evaluate_tokenizer(self) -> dict:
+        from tokpost_jax.metrics.tokenizer import evaluate_checkpoint
+
+        return evaluate_checkpoint(
+            self.tokenizer, self.dir("tokenizer"), "ema_params", self.dir("tokenizer_eval")
+        )
+
+    def make_reference(self) -> dict:
+        from tokpost_jax.metrics import features, reference
+
+        g = self.generator.gfid
+        extractor = features.InceptionExtractor(
+            self.mesh, self.rules, batch_size=g.batch_size, weights_path=g.inception_weights
+        )
+        data = self.tokenizer.data
+        acts, _ = reference.split_reference(
+            data, data.eval_split, extractor, num_images=g.num_reference
+        )
+        if jax.process_index() == 0:
+            acts.save_npz(self.reference_path)
+        return {"num_images": acts.count, "split": f"{data.name}:{data.eval_split}"}
+
+    def pretokenize(self) -> dict:
+        from tokpost_jax.pretokenize import pretokenize
+
+        params = self.tokenizer_params("tokenizer")
+        p = self.config.pretokenize
+        result = pretokenize(
+            self.tokenizer, params, self.dir("pretokenize"), split=self.tokenizer.data.train_split,
+            mode=p.mode, batch_size=p.batch_size, mesh=self.mesh, rules=self.rules,
+        )
+        return {"num_records": result.num_records, "mode": p.mode}
+
+    def train_generator(self) -> dict:
+        from tokpost_jax.train.generator import GeneratorStage
+        from tokpost_jax.train.loop import train
+
+        train(self.generator, self.dir("generator"), GeneratorStage)
+        return {"steps": int(self.generator.total_steps)}
+
+    def tokenizer_params(self, stage: str, key: str = "ema_params") -> Any:
+        return ckpt_lib.load_params(os.path.join(self.dir(stage), "checkpoints"), key=key)
+
+    def generator_params(self) -> Any:
+        key = "ema_params" if self.generator.optim.ema_decay else "params"
+        return ckpt_lib.load_params(os.path.join(self.dir("generator"), "checkpoints"), key=key)
+
+    def _evaluator(self):
+        from tokpost_jax.metrics import generation
+        from tokpost_jax.train.generator import build_generator
+
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return generation.evaluator_from_config(
+                self.generator, build_generator(self.generator), self.mesh
+            )
+
+    def _gfid(self, stage: str, decoders: dict[str, Any]) -> dict:
+        """gFID of the generator's samples decoded by each named tokenizer parameter set; the
+        sampler seed is fixed, so every decoder renders the same token sequences."""
+        ev = self._evaluator()
+        gen_params = self.generator_params()
+        out: dict[str, Any] = {}
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            for name, tok_params in decoders.items():
+                metrics, samples = ev.run(
+                    gen_params, num_samples=self.generator.gfid.num_samples,
+                    tokenizer_params=jax.device_put(tok_params, shd.replicated(self.mesh)),
+                )
+                out[name] = metrics
+                if jax.process_index() == 0:
+                    np.savez(os.path.join(self.dir(stage), f"samples_{name}.npz"), samples)
+                    images_lib.save_png(
+                        ev.grid(samples[: self.config.num_grid_images]),
+                        os.path.join(self.dir(stage), f"samples_{name}.png"),
+                    )
+            if stage == "gfid_before" and self.config.uniform_token_baseline:
+                out["uniform_tokens"], _ = ev.run_uniform_tokens(
+                    num_samples=self.generator.gfid.num_samples
+                )
+        return out
+
+    def gfid_before(self) -> dict:
+        return self._gfid("gfid_before", {"main": self.tokenizer_params("tokenizer")})
+
+    def make_pairs(self) -> dict:
+        from tokpost_jax.pairs import generate_pairs
+        from tokpost_jax.train.generator import build_generator
+
+        p = self.post.post
+        s = self.generator.sampling
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            result = generate_pairs(
+                self.tokenizer, self.tokenizer_params("tokenizer"),
+                build_generator(self.generator), {"params": self.generator_params()},
+                self.dir("pairs"), split=p.source_split, num_images=p.num_images,
+                sigma=p.sigma, seed=p.seed,
+                sampling=dict(guidance=s.guidance, power=s.power, temperature=s.temperature,
+                              top_k=s.top_k, top_p=s.top_p),
+                batch_size=p.batch_size, mesh=self.mesh, rules=self.rules,
+            )
+        return {"num_records": result.num_records, "sigma": p.sigma}
+
+    def post_train(self) -> dict:
+        from tokpost_jax.train.loop import train
+        from tokpost_jax.train.post_train import PostTrainStage
+
+        history = train(self.post, self.dir("post_train"), PostTrainStage)
+        return {"final_eval": history[-1] if history else {}}
+
+    def gfid_after(self) -> dict:
+        decoders = {"post_ema": self.tokenizer_params("post_train", "ema_params")}
+        if self.config.gfid_raw_decoder:
+            decoders["post_raw"] = self.tokenizer_params("post_train", "params")
+        return self._gfid("gfid_after", decoders)
+
+    # ---- the whole thing ---------------------------------------------------------------------
+    def run(self) -> dict:
+        os.makedirs(self.workdir, exist_ok=True)
+        steps = {
+            "tokenizer": self.train_tokenizer,
+            "tokenizer_eval": self.evaluate_tokenizer,
+            "reference": self.make_reference,
+            "pretokenize": self.pretokenize,
+            "generator": self.train_generator,
+            "gfid_before": self.gfid_before,
+            "pairs": self.make_pairs,
+            "post_train": self.post_train,
+            "gfid_after": self.gfid_after,
+        }
+        results = {stage: self.run_stage(stage, steps[stage]) for stage in STAGES}
+        table = results_table(results)
+        if jax.process_index() == 0:
+            _write_json(os.path.join(self.workdir, "results.json"), results)
+            with open(os.path.join(self.workdir, "results.md"), "w") as f:
+                f.write(table + "\n")
+            self.side_by_side()
+        print(table, flush=True)
+        return results
+
+    def side_by_side(self) -> None:
+        """Before / after grids of the same token sequences, next to each other."""
+        from PIL import Image
+
+        paths = [os.path.join(self.dir("gfid_before"), "samples_main.png"),
+                 os.path.join(self.dir("gfid_after"), "samples_post_ema.png")]
+        if not all(os.path.exists(p) for p in paths):
+            return
+        grids = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        h = max(g.shape[0] for g in grids)
+        pad = np.full((h, 8, 3), 255, np.uint8)
+        padded = [np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)
+                  for g in grids]
+        images_lib.save_png(np.concatenate([padded[0], pad, padded[1]], axis=1),
+                            os.path.join(self.workdir, "samples_before_after.png"))
+
+
+_COLUMNS = (("fid", "gFID"), ("sfid", "sFID"), ("precision", "Precision"), ("recall", "Recall"),
+            ("inception_score", "IS"))
+
+
+def results_table(results: dict) -> str:
+    """The paper-style table (markdown) from the stages' results."""
+    tok = results["tokenizer_eval"]
+    rows = [("no post-training", results["gfid_before"]["main"]),
+            ("+ post-training (EMA decoder)", results["gfid_after"]["post_ema"])]
+    if "post_raw" in results["gfid_after"]:
+        rows.append(("+ post-training (raw decoder)", results["gfid_after"]["post_raw"]))
+    if "uniform_tokens" in results["gfid_before"]:
+        rows.append(("uniform random tokens (floor)", results["gfid_before"]["uniform_tokens"]))
+    cols = [c for c in _COLUMNS if c[0] in rows[0][1]]
+    lines = [
+        f"Tokenizer: rFID {tok['rfid']:.2f}, pFID {tok.get('pfid', float('nan')):.2f}, "
+        f"PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codebook usage "
+        f"{100 * tok['codebook_usage']:.1f}% ({int(tok['num_images'])} images)",
+        "",
+        "| decoder | " + " | ".join(name for _, name in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for label, m in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k, _ in cols) + " |")
+    n = int(rows[0][1].get("num_samples", 0))
+    lines.append("")
+    lines.append(f"gFID over {n} class-balanced samples; the same token sequences for every row.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from tokpost_jax import main as main_lib
+
+    main_lib.setup_process()
+    try:
+        Pipeline(_CONFIG.value, _WORKDIR.value).run()
+    except main_lib.user_errors() as e:
+        main_lib.exit_with(e)
+
+
+if __name__ == "__main__":
+    app.run(main)
