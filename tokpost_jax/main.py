@@ -8,12 +8,12 @@ in a key is an error that names the key.
 from __future__ import annotations
 
 import importlib
-import logging as pylogging
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from tokpost_jax import cli
 
 # trainer name (config.trainer) → "module:Stage class"
 TRAINERS = {
@@ -38,17 +38,6 @@ def stage_class(trainer: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Drops Orbax/tensorstore INFO chatter (hundreds of lines per save); keeps warnings."""
-
-    NOISY = ("/orbax/", "/tensorstore/")
-
-    def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or not any(
-            n in record.pathname for n in self.NOISY
-        )
-
-
 def summary_table(history: list[dict], workdir: str) -> str:
     """First vs final evaluation side by side, and where the outputs are."""
     first, final = history[0], history[-1]
@@ -63,43 +52,9 @@ def summary_table(history: list[dict], workdir: str) -> str:
     )
 
 
-def setup_process() -> None:
-    """Process-wide setup shared by the entry points (main, pipeline)."""
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    import jax
-
-    if os.environ.get("TOKPOST_DISTRIBUTED"):  # set it on every host of a multi-host pod/cluster
-        jax.distributed.initialize()
-    # Keep TensorFlow (imported by clu's writers and tfds) off any accelerator JAX wants.
-    try:
-        import tensorflow as tf
-
-        tf.config.set_visible_devices([], "GPU")
-    except ImportError:
-        pass
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by input (config, data, files, weights): reported in one line, no trace."""
-    from tokpost_jax.checkpoint import CheckpointError
-    from tokpost_jax.convert.inception_weights import InceptionWeightsError
-    from tokpost_jax.data import DataError
-    from tokpost_jax.metrics.reference import ReferenceError
-    from tokpost_jax.train.loop import NonFiniteLossError
-
-    return (DataError, CheckpointError, NonFiniteLossError, FileNotFoundError,
-            InceptionWeightsError, ReferenceError)
-
-
-def exit_with(e: BaseException) -> None:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-
-
 def main(argv: list[str]) -> None:
     del argv
-    setup_process()
+    cli.setup_process()
     import jax
 
     from tokpost_jax.train import loop
@@ -109,8 +64,8 @@ def main(argv: list[str]) -> None:
     logging.info("Config:\n%s", config)
     try:
         history = loop.train(config, workdir, stage_class(config.trainer))
-    except user_errors() as e:
-        exit_with(e)
+    except cli.user_errors() as e:
+        cli.exit_with(e)
     if jax.process_index() == 0 and history:
         print(summary_table(history, workdir))
 

@@ -314,13 +314,13 @@ def results_table(results: dict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    from tokpost_jax import main as main_lib
+    from tokpost_jax import cli
 
-    main_lib.setup_process()
+    cli.setup_process()
     try:
         Pipeline(_CONFIG.value, _WORKDIR.value).run()
-    except main_lib.user_errors() as e:
-        main_lib.exit_with(e)
+    except cli.user_errors() as e:
+        cli.exit_with(e)
 
 
 if __name__ == "__main__":
