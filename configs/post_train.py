@@ -74,6 +74,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             batch_size=256 if paper else 100,  # global, for generation
         )
     )
+    c.eval_at_start = True  # step 0 = the main tokenizer's decoder on real images (a baseline)
     c.init_from = ml_collections.ConfigDict(
         dict(workdir=config_dict.placeholder(str), params_key="ema_params")
     )

@@ -274,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
         report = periodic_actions.ReportProgress(
             num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
         )
-        if start_step == 0:
+        if start_step == 0 and config.get("eval_at_start", True):
             run_evaluation(stage, state, frozen, 0, writer, workdir)
 
         def save(step: int) -> None:
