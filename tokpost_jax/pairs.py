@@ -46,12 +46,13 @@ from jax.experimental import multihost_utils
 
 from tokpost_jax import sharding as shd
 from tokpost_jax.data import pipeline
+from tokpost_jax.data import shards as shards_lib
 from tokpost_jax.data.preprocess import center_crop, to_float
 from tokpost_jax.data.shards import FieldSpec, ShardWriter
 from tokpost_jax.data.sources import DataError
 from tokpost_jax.metrics.features import quantize_uint8
 from tokpost_jax.models.generator import RAR
-from tokpost_jax.pretokenize import _device_params, _sync_plan, params_fingerprint
+from tokpost_jax.pretokenize import device_params, params_fingerprint
 from tokpost_jax.sampling import sample
 
 __all__ = [
@@ -140,26 +141,11 @@ def _generator_variables(model: RAR, variables: Any, mesh: Any, rules: Any) -> A
         jnp.zeros((1,), jnp.int32),
         jnp.arange(n, dtype=jnp.int32)[None],
     )
-    variables = shd.strip_boxes(dict(variables))
-    want = {
-        jax.tree_util.keystr(p): tuple(x.shape)
-        for p, x in jax.tree_util.tree_flatten_with_path(shd.strip_boxes(abstract))[0]
-    }
-    got = {
-        jax.tree_util.keystr(p): tuple(np.shape(x))
-        for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]
-    }
-    if want != got:
-        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        raise ValueError(
-            "generator variables do not match the RAR module (they must be {'params': ...} of "
-            "this size); differing entries (path: expected vs given): "
-            + "; ".join(f"{k}: {want.get(k)} vs {got.get(k)}" for k in diff[:5])
-        )
-    shardings = shd.logical_shardings(abstract, mesh, rules)
-    dtypes = jax.tree.map(lambda a: a.dtype, shd.strip_boxes(abstract))
-    host = jax.tree.map(lambda x, dt: np.asarray(x, dt), variables, dtypes)
-    return jax.tree.map(jax.device_put, host, shardings)
+    return shd.place_host_params(
+        dict(variables), abstract, mesh, rules,
+        "generator variables do not match the RAR module (they must be {'params': ...} of this "
+        "size)",
+    )
 
 
 class _PairReader:
@@ -308,8 +294,8 @@ def generate_pairs(
     except DataError as e:  # raised on every host after the broadcast, so none hangs
         error = e
     num_shards = math.ceil(len(chosen) / records_per_shard)
-    todo = _sync_plan(num_shards, writer, error)
-    assert writer is not None  # _sync_plan raised otherwise
+    todo = shards_lib.missing_everywhere(num_shards, writer, error)
+    assert writer is not None  # missing_everywhere raised otherwise
     logging.info(
         "Pairs (σ=%g) from %s/%s (%d of %d images, %d shards) → %s: %d shards to compute.",
         sigma,
@@ -323,7 +309,7 @@ def generate_pairs(
     )
     if todo:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            tok_params = _device_params(tokenizer, tokenizer_params, size, mesh, rules)
+            tok_params = device_params(tokenizer, tokenizer_params, size, mesh, rules)
             gen_vars = _generator_variables(generator, generator_variables, mesh, rules)
             batch_sharding = shd.batch_sharding(mesh, rules)
             step = _pair_step(

@@ -44,6 +44,7 @@ from ml_collections import config_flags
 
 from tokpost_jax import sharding as shd
 from tokpost_jax.data import pipeline
+from tokpost_jax.data import shards as shards_lib
 from tokpost_jax.data.preprocess import center_crop, to_float
 from tokpost_jax.data.shards import FieldSpec, ShardWriter
 from tokpost_jax.data.sources import DataError
@@ -146,47 +147,15 @@ class _RecordReader:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _device_params(model: nn.Module, params: Any, size: int, mesh: Any, rules: Any) -> Any:
-    """Host params placed with the training shardings (FSDP stays FSDP); shape-checked first."""
+def device_params(model: nn.Module, params: Any, size: int, mesh: Any, rules: Any) -> Any:
+    """Host tokenizer params placed with the training shardings (FSDP stays FSDP)."""
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
     )
-    params = shd.strip_boxes(params)
-    want = {
-        jax.tree_util.keystr(p): tuple(x.shape)
-        for p, x in jax.tree_util.tree_flatten_with_path(shd.strip_boxes(abstract))[0]
-    }
-    got = {
-        jax.tree_util.keystr(p): tuple(np.shape(x))
-        for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    if want != got:
-        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        raise ValueError(
-            "tokenizer parameters do not match config.model (wrong config for this checkpoint?); "
-            "differing entries (path: expected vs given): "
-            + "; ".join(f"{k}: {want.get(k)} vs {got.get(k)}" for k in diff[:5])
-        )
-    shardings = shd.logical_shardings(abstract, mesh, rules)
-    dtypes = jax.tree.map(lambda a: a.dtype, shd.strip_boxes(abstract))
-    host = jax.tree.map(lambda x, dt: np.asarray(x, dt), params, dtypes)
-    return jax.tree.map(jax.device_put, host, shardings)
-
-
-def _sync_plan(num_shards: int, writer: ShardWriter | None, error: Exception | None) -> list[int]:
-    """Process 0's list of missing shards, on every process (hosts need not share a disk)."""
-    missing = np.zeros(num_shards + 1, np.int32)
-    if jax.process_index() == 0:
-        missing[0] = error is not None
-        if writer is not None:
-            missing[1 + np.asarray(writer.missing_shards(), np.int64)] = 1
-    if jax.process_count() > 1:
-        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
-    if error is not None:
-        raise error
-    if missing[0]:
-        raise DataError("process 0 could not open the output directory; see its log")
-    return [int(i) for i in np.flatnonzero(missing[1:])]
+    return shd.place_host_params(
+        params, abstract, mesh, rules,
+        "tokenizer parameters do not match config.model (wrong config for this checkpoint?)",
+    )
 
 
 def pretokenize(
@@ -264,8 +233,8 @@ def pretokenize(
     except DataError as e:  # raised on every host after the broadcast, so none hangs
         error = e
     num_shards = math.ceil(num_records / records_per_shard)
-    todo = _sync_plan(num_shards, writer, error)
-    assert writer is not None  # _sync_plan raised otherwise
+    todo = shards_lib.missing_everywhere(num_shards, writer, error)
+    assert writer is not None  # missing_everywhere raised otherwise
     logging.info(
         "Pretokenize %s/%s (%s, %d records in %d shards) → %s: %d shards to compute.",
         cfg.data.name,
@@ -310,7 +279,7 @@ def _encode_shards(
 ) -> None:
     """The device loop: read the next batch while this one encodes, gather, fill, write shards."""
     batch_sharding = shd.batch_sharding(mesh, rules)
-    device_params = _device_params(model, params, size, mesh, rules)
+    placed = device_params(model, params, size, mesh, rules)
 
     def encode(p: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         tokens = model.apply({"params": p}, batch["image"], method="encode")
@@ -369,7 +338,7 @@ def _encode_shards(
             local_batch = next_batch.result()
             if k + 1 < len(plan):
                 next_batch = read(k + 1)
-            out = encode_fn(device_params, shd.host_to_global(local_batch, batch_sharding))
+            out = encode_fn(placed, shd.host_to_global(local_batch, batch_sharding))
             if pending is not None:  # gather the previous batch while this one runs
                 collect(*pending)
             pending = (k, out)

@@ -108,3 +108,46 @@ def host_to_global(local_batch: Mapping[str, np.ndarray], sharding: NamedShardin
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
+
+
+def place_host_params(host: Any, abstract_boxed: Any, mesh: Mesh, rules: Rules, what: str) -> Any:
+    """Host (numpy) parameters → device arrays with the shardings training uses.
+
+    Shapes are checked against ``abstract_boxed`` (``jax.eval_shape`` of the module's init) first,
+    so a checkpoint of another size is an error naming the differing entries, not a broadcast.
+    """
+    host = strip_boxes(host)
+    abstract = strip_boxes(abstract_boxed)
+
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in flat}
+
+    want, got = shapes(abstract), shapes(host)
+    if want != got:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise ValueError(
+            f"{what}; differing entries (path: expected vs given): "
+            + "; ".join(f"{k}: {want.get(k)} vs {got.get(k)}" for k in diff[:5])
+        )
+    shardings = logical_shardings(abstract_boxed, mesh, rules)
+    host = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), host, abstract)
+    return jax.tree.map(jax.device_put, host, shardings)
+
+
+def padded_host_batches(array: np.ndarray, batch_size: int):
+    """Fixed-size global batches of ``array`` (held identically on every host): yields this host's
+    slice of each, the last one zero-padded, and the global mask of real rows.
+
+    One batch shape for every call means one compiled program; the mask drops the padding.
+    """
+    array = np.asarray(array)
+    per_host = batch_size // jax.process_count()
+    lo = jax.process_index() * per_host
+    for start in range(0, len(array), batch_size):
+        chunk = array[start : start + batch_size]
+        mask = np.arange(batch_size) < len(chunk)
+        if len(chunk) < batch_size:
+            pad = np.zeros((batch_size - len(chunk), *array.shape[1:]), array.dtype)
+            chunk = np.concatenate([chunk, pad])
+        yield chunk[lo : lo + per_host], mask

@@ -313,6 +313,31 @@ def write_shards(
 # --------------------------------------------------------------------------- reading
 
 
+def missing_everywhere(
+    num_shards: int, writer: ShardWriter | None, error: Exception | None
+) -> list[int]:
+    """Process 0's list of missing shards, on every process (hosts need not share a disk).
+
+    ``error`` is process 0's failure to open the writer, if any; it is raised there and reported
+    on the other hosts instead of leaving them waiting in a collective.
+    """
+    import jax  # here, not at module level: the reader side of this module stays JAX-free
+    from jax.experimental import multihost_utils
+
+    missing = np.zeros(num_shards + 1, np.int32)
+    if jax.process_index() == 0:
+        missing[0] = error is not None
+        if writer is not None:
+            missing[1 + np.asarray(writer.missing_shards(), np.int64)] = 1
+    if jax.process_count() > 1:
+        missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
+    if error is not None:
+        raise error
+    if missing[0]:
+        raise DataError("process 0 could not open the output directory; see its log")
+    return [int(i) for i in np.flatnonzero(missing[1:])]
+
+
 def _npz_members(path: str, names: Iterable[str]) -> dict[str, tuple[np.dtype, tuple, int]]:
     """(dtype, shape, byte offset) of each stored ``.npy`` member, for memory-mapping.
 
