@@ -24,9 +24,6 @@ COMMAND (ImageNet on a pod; add the weight files and the dataset location):
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
 from tokpost_jax import config_lib
@@ -34,28 +31,20 @@ from tokpost_jax import config_lib
 VARIANTS = ("demo", "micro", "imagenet")
 
 
-def _load(name: str, arg: str | None) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_{name}_pipeline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
-
-
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/pipeline.py: unknown variant {arg!r}; choose one of {VARIANTS}")
     c = ml_collections.ConfigDict()
     if arg == "imagenet":
-        c.tokenizer = _load("robustok_imagenet", None)
-        c.generator = _load("rar", "rar_b")
-        c.post_train = _load("post_train", "imagenet")
+        c.tokenizer = config_lib.sibling_config(__file__, "robustok_imagenet")
+        c.generator = config_lib.sibling_config(__file__, "rar", "rar_b")
+        c.post_train = config_lib.sibling_config(__file__, "post_train", "imagenet")
         c.pretokenize = ml_collections.ConfigDict(dict(mode="ten_crop", batch_size=1024))
     else:
         tok = "micro_gan" if arg == "micro" else "demo"
-        c.tokenizer = _load("tokenizer", tok)
-        c.generator = _load("rar", arg)
-        c.post_train = _load("post_train", arg)
+        c.tokenizer = config_lib.sibling_config(__file__, "tokenizer", tok)
+        c.generator = config_lib.sibling_config(__file__, "rar", arg)
+        c.post_train = config_lib.sibling_config(__file__, "post_train", arg)
         # Digits are not mirror-symmetric: one center view per image.
         c.pretokenize = ml_collections.ConfigDict(dict(mode="center", batch_size=100))
     # Filled in by the pipeline from c.tokenizer (one source for the architecture and data).

@@ -20,21 +20,12 @@ COMMAND (after a tokenizer run and pairs made by the pipeline or tokpost_jax.pai
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 from ml_collections import config_dict
 
+from tokpost_jax import config_lib
+
 VARIANTS = ("demo", "micro", "imagenet")
-
-
-def _load(name: str, arg: str | None) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_{name}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
@@ -44,7 +35,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         )
     paper = arg == "imagenet"
     base = {"demo": "demo", "micro": "micro_gan"}.get(arg)
-    c = _load("robustok_imagenet", None) if paper else _load("tokenizer", base)
+    c = (config_lib.sibling_config(__file__, "robustok_imagenet") if paper
+         else config_lib.sibling_config(__file__, "tokenizer", base))
     c.trainer = "post_train"
 
     # Judged on real images (the tokenizer's eval split); trained on the generated pairs.

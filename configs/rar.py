@@ -26,9 +26,6 @@ COMMAND (RAR-B on ImageNet tokens, TPU pod / GPU node; see launch/):
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 from ml_collections import config_dict
 
@@ -43,15 +40,6 @@ ROBUSTOK_SAMPLING = {
 }
 
 
-def _tokenizer_config(arg: str, variant: str) -> ml_collections.ConfigDict:
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, f"{arg}.py")
-    spec = importlib.util.spec_from_file_location(f"_{arg}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/rar.py: unknown variant {arg!r}; choose one of {VARIANTS}")
@@ -63,9 +51,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
     # The tokenizer whose tokens are modelled and whose decoder renders the samples.
     if paper:
-        c.tokenizer = _tokenizer_config("robustok_imagenet", "")
+        c.tokenizer = config_lib.sibling_config(__file__, "robustok_imagenet")
     else:
-        c.tokenizer = _tokenizer_config("tokenizer", "micro" if arg == "micro" else "demo")
+        c.tokenizer = config_lib.sibling_config(
+            __file__, "tokenizer", "micro" if arg == "micro" else "demo"
+        )
     c.tokenizer_workdir = config_dict.placeholder(str)
     c.tokenizer_params_key = "ema_params"  # downstream uses the EMA weights (robustok.md §6)
 

@@ -32,26 +32,15 @@ Not in RobusTok and therefore off: dead-code restart.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
 from tokpost_jax import config_lib
 
 
-def _base() -> ml_collections.ConfigDict:
-    """The field layout shared with configs/tokenizer.py (its values are all overridden here)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.py")
-    spec = importlib.util.spec_from_file_location("_tokenizer_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("demo")
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    c = _base()
+    # The field layout shared with configs/tokenizer.py (its values are all overridden here).
+    c = config_lib.sibling_config(__file__, "tokenizer", "demo")
     c.seed = 0
     c.num_epochs = 200.0
     c.schedule_unit = "epoch"

@@ -78,7 +78,9 @@ def mesh(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
 
 
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+def load_config_file(
+    path: str, arg: str | None = None, lock: bool = True
+) -> ml_collections.ConfigDict:
     """Loads ``configs/x.py:arg`` outside absl (tests, notebooks) exactly as the flag would."""
     if arg is None and ":" in os.path.basename(path):
         path, arg = path.rsplit(":", 1)
@@ -88,5 +90,15 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config(arg) if arg is not None else module.get_config()
-    cfg.lock()
+    if lock:
+        cfg.lock()
     return cfg
+
+
+def sibling_config(
+    config_file: str, name: str, arg: str | None = None
+) -> ml_collections.ConfigDict:
+    """``<name>.py:arg`` from the directory of ``config_file`` (a config's ``__file__``), unlocked:
+    how one config builds on another (the pipeline on the stage configs, ImageNet on the demo)."""
+    here = os.path.dirname(os.path.abspath(config_file))
+    return load_config_file(os.path.join(here, f"{name}.py"), arg, lock=False)
