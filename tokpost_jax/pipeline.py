@@ -192,7 +192,8 @@ class Pipeline:
             for name, tok_params in decoders.items():
                 metrics, samples = ev.run(
                     gen_params, num_samples=self.generator.gfid.num_samples,
-                    tokenizer_params=jax.device_put(tok_params, shd.replicated(self.mesh)),
+                    tokenizer_params=None if tok_params is None
+                    else jax.device_put(tok_params, shd.replicated(self.mesh)),
                 )
                 out[name] = metrics
                 if jax.process_index() == 0:
@@ -208,7 +209,8 @@ class Pipeline:
         return out
 
     def gfid_before(self) -> dict:
-        return self._gfid("gfid_before", {"main": self.tokenizer_params("tokenizer")})
+        # None: the evaluator's own tokenizer (the main run's EMA weights, already loaded).
+        return self._gfid("gfid_before", {"main": None})
 
     def make_pairs(self) -> dict:
         from tokpost_jax.pairs import generate_pairs

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -182,32 +182,7 @@ class InceptionExtractor:
                 f"expected uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}"
             )
         acts = self.new_activations(keep_rows)
-        for local, mask in self._padded(images):
+        for local, mask in shd.padded_host_batches(images, self.batch_size):
             batch = shd.host_to_global({"image": local}, self.batch_sharding)["image"]
             self.add_batch(batch, mask, acts)
         return acts
-
-    def from_batches(
-        self, batches: Iterable[Mapping[str, np.ndarray]], keep_rows: bool = True
-    ) -> Activations:
-        """Activations of host-local ``{'image': [-1,1] float, 'mask'}`` eval batches."""
-        acts = self.new_activations(keep_rows)
-        quantize = jax.jit(quantize_uint8, out_shardings=self.batch_sharding)
-        for local in batches:
-            batch = shd.host_to_global(
-                {"image": local["image"], "mask": local["mask"]}, self.batch_sharding
-            )
-            self.add_batch(quantize(batch["image"]), gather(batch["mask"]), acts)
-        return acts
-
-    def _padded(self, images: np.ndarray) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-        """This host's slice of every fixed-size global batch, and the global mask."""
-        n, per_host = len(images), self.batch_size // jax.process_count()
-        lo = jax.process_index() * per_host
-        for start in range(0, n, self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            mask = np.arange(self.batch_size) < len(chunk)
-            if len(chunk) < self.batch_size:
-                pad = np.zeros((self.batch_size - len(chunk), *images.shape[1:]), np.uint8)
-                chunk = np.concatenate([chunk, pad])
-            yield chunk[lo : lo + per_host], mask

@@ -73,29 +73,36 @@ class GenerationEvaluator:
         decoded = self.tokenizer.apply({"params": tok_params}, tokens, method=Tokenizer.decode)
         return features_lib.quantize_uint8(decoded)
 
-    def _batches(self, labels: np.ndarray):
-        """(global label batch, global mask, batch index) with the last batch padded."""
-        size = self.extractor.batch_size
-        per_host = size // jax.process_count()
-        lo = jax.process_index() * per_host
-        for b, start in enumerate(range(0, len(labels), size)):
-            chunk = labels[start : start + size]
-            mask = np.arange(size) < len(chunk)
-            chunk = np.concatenate([chunk, np.zeros(size - len(chunk), np.int32)])
-            local = {"label": chunk[lo : lo + per_host]}
-            yield shd.host_to_global(local, self.extractor.batch_sharding)["label"], mask, b
+    def _render(
+        self, image_fn: Any, labels: np.ndarray, seed: int, acts: Any = None
+    ) -> np.ndarray:
+        """uint8 images of ``image_fn(labels, rng)`` over fixed padded batches (key folded per
+        batch: reproducible), folded into ``acts`` when given."""
+        base = jax.random.PRNGKey(seed)
+        kept = []
+        batches = shd.padded_host_batches(np.asarray(labels, np.int32), self.extractor.batch_size)
+        for b, (local, mask) in enumerate(batches):
+            batch = shd.host_to_global({"label": local}, self.extractor.batch_sharding)["label"]
+            images = image_fn(batch, jax.random.fold_in(base, b))
+            if acts is not None:
+                self.extractor.add_batch(images, mask, acts)
+            kept.append(features_lib.gather(images)[mask])
+        return np.concatenate(kept)
+
+    def _score(self, image_fn: Any, num_samples: int, seed: int):
+        labels = balanced_labels(num_samples, self.generator.num_classes)
+        acts = self.extractor.new_activations(keep_rows=True)
+        samples = self._render(image_fn, labels, seed, acts)
+        metrics = features_lib.report(self.reference, acts, method=self.frechet_method)
+        metrics["num_samples"] = float(acts.count)
+        return metrics, samples
 
     def sample_images(
         self, gen_params: Any, labels: np.ndarray, tokenizer_params: Any = None
     ) -> np.ndarray:
-        """uint8 [n, S, S, 3] samples for ``labels`` (seeded per batch: reproducible)."""
+        """uint8 [n, S, S, 3] samples for ``labels``."""
         tok = self.tokenizer_params if tokenizer_params is None else tokenizer_params
-        base = jax.random.PRNGKey(self.seed)
-        out = []
-        for batch, mask, b in self._batches(np.asarray(labels, np.int32)):
-            images = self._images(gen_params, tok, batch, jax.random.fold_in(base, b))
-            out.append(features_lib.gather(images)[mask])
-        return np.concatenate(out)
+        return self._render(lambda y, r: self._images(gen_params, tok, y, r), labels, self.seed)
 
     def run(
         self, gen_params: Any, *, num_samples: int, tokenizer_params: Any = None
@@ -106,17 +113,9 @@ class GenerationEvaluator:
         seed then gives the same tokens, so two decoders are compared on identical samples.
         """
         tok = self.tokenizer_params if tokenizer_params is None else tokenizer_params
-        labels = balanced_labels(num_samples, self.generator.num_classes)
-        acts = self.extractor.new_activations(keep_rows=True)
-        base = jax.random.PRNGKey(self.seed)
-        kept = []
-        for batch, mask, b in self._batches(labels):
-            images = self._images(gen_params, tok, batch, jax.random.fold_in(base, b))
-            self.extractor.add_batch(images, mask, acts)
-            kept.append(features_lib.gather(images)[mask])
-        metrics = features_lib.report(self.reference, acts, method=self.frechet_method)
-        metrics["num_samples"] = float(acts.count)
-        return metrics, np.concatenate(kept)
+        return self._score(
+            lambda y, r: self._images(gen_params, tok, y, r), num_samples, self.seed
+        )
 
     def run_uniform_tokens(
         self, *, num_samples: int, tokenizer_params: Any = None
@@ -132,17 +131,7 @@ class GenerationEvaluator:
             return features_lib.quantize_uint8(images)
 
         fn = jax.jit(decode, out_shardings=self.extractor.batch_sharding)
-        acts = self.extractor.new_activations(keep_rows=True)
-        base = jax.random.PRNGKey(self.seed + 1)
-        kept = []
-        labels = balanced_labels(num_samples, self.generator.num_classes)
-        for batch, mask, b in self._batches(labels):
-            images = fn(tok, batch, jax.random.fold_in(base, b))
-            self.extractor.add_batch(images, mask, acts)
-            kept.append(features_lib.gather(images)[mask])
-        metrics = features_lib.report(self.reference, acts, method=self.frechet_method)
-        metrics["num_samples"] = float(acts.count)
-        return metrics, np.concatenate(kept)
+        return self._score(lambda y, r: fn(tok, y, r), num_samples, self.seed + 1)
 
     def grid(self, samples: np.ndarray) -> np.ndarray:
         ncols = int(np.ceil(np.sqrt(max(len(samples), 1))))
