@@ -338,6 +338,11 @@ def missing_everywhere(
     return [int(i) for i in np.flatnonzero(missing[1:])]
 
 
+# numpy parses .npy headers with ast.literal_eval, and CPython 3.11's parser is not thread-safe
+# ("AST constructor recursion depth mismatch" when grain's prefetch threads open shards at once).
+_HEADER_LOCK = threading.Lock()
+
+
 def _npz_members(path: str, names: Iterable[str]) -> dict[str, tuple[np.dtype, tuple, int]]:
     """(dtype, shape, byte offset) of each stored ``.npy`` member, for memory-mapping.
 
@@ -364,12 +369,15 @@ def _npz_members(path: str, names: Iterable[str]) -> dict[str, tuple[np.dtype, t
             name_len, extra_len = fields[-2], fields[-1]
             f.seek(info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len)
             version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
+            if version not in ((1, 0), (2, 0)):
                 raise ValueError(f"unsupported .npy version {version} in {member}")
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            with _HEADER_LOCK:
+                shape, fortran, dtype = read_header(f)
             if fortran or dtype.hasobject:
                 raise ValueError(f"member {member} is Fortran-ordered or holds objects")
             offset = f.tell()
