@@ -14,7 +14,7 @@ import optax
 import pytest
 from scipy.special import erf
 
-from tokpost_jax.models import diffaug
+from tokpost_jax.models import diffaug, resize
 from tokpost_jax.models import discriminator as disc
 
 # Small DinoDisc: 32 px, patch 8 (16 tokens), width 32, 2 blocks, tapped after blocks 0 and 1.
@@ -147,16 +147,16 @@ def test_colour_ops_change_statistics_as_stated():
 
 
 def test_torch_resize_matrices():
-    np.testing.assert_allclose(disc.torch_resize_matrix(4, 2, "area"),
+    np.testing.assert_allclose(resize.torch_resize_matrix(4, 2, "area"),
                                [[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
     # adaptive_avg_pool 5 -> 3: cells [0,2), [1,4), [3,5)
-    np.testing.assert_allclose(disc.torch_resize_matrix(5, 3, "area"),
+    np.testing.assert_allclose(resize.torch_resize_matrix(5, 3, "area"),
                                [[.5, .5, 0, 0, 0], [0, 1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0, .5, .5]])
-    area = disc.torch_resize_matrix(256, 224, "area")
+    area = resize.torch_resize_matrix(256, 224, "area")
     np.testing.assert_allclose(area.sum(1), 1.0)
-    np.testing.assert_allclose(disc.torch_resize_matrix(7, 7, "bicubic"), np.eye(7), atol=1e-12)
+    np.testing.assert_allclose(resize.torch_resize_matrix(7, 7, "bicubic"), np.eye(7), atol=1e-12)
     # 2x bicubic upsampling, A = -0.75: phase 0.25 / 0.75 taps (Keys' formula, as in torch).
-    up = disc.torch_resize_matrix(8, 16, "bicubic")
+    up = resize.torch_resize_matrix(8, 16, "bicubic")
     # Output 3 samples source 1.25 (taps 0..3, phase 0.25); output 4 samples 1.75 (phase 0.75).
     taps = [-0.10546875, 0.87890625, 0.26171875, -0.03515625]
     np.testing.assert_allclose(up[3], [*taps, 0, 0, 0, 0])
@@ -164,7 +164,7 @@ def test_torch_resize_matrices():
     np.testing.assert_allclose(up.sum(1), 1.0)
     np.testing.assert_allclose(up[::-1, ::-1], up, atol=1e-12)  # mirror symmetric
     with pytest.raises(ValueError):
-        disc.torch_resize_matrix(4, 2, "nearest")
+        resize.torch_resize_matrix(4, 2, "nearest")
 
 
 def test_preprocess_normalises_crops_and_resizes():
@@ -174,8 +174,8 @@ def test_preprocess_normalises_crops_and_resizes():
     pre = lambda m, k, im=x: m.apply({}, im, k, method=disc.DinoDiscriminator.preprocess)
     always = disc.DinoDiscriminator(**SMALL, crop_prob=1.0)
     never = disc.DinoDiscriminator(**SMALL, crop_prob=0.0)
-    resized = np.einsum("sh,bhwc,tw->bstc", disc.torch_resize_matrix(40, 32, "area"), norm,
-                        disc.torch_resize_matrix(40, 32, "area"))
+    resized = np.einsum("sh,bhwc,tw->bstc", resize.torch_resize_matrix(40, 32, "area"), norm,
+                        resize.torch_resize_matrix(40, 32, "area"))
     np.testing.assert_allclose(pre(never, jax.random.key(0)), resized, atol=1e-5)
     np.testing.assert_allclose(pre(always, None), resized, atol=1e-5)  # no key: resize
     crop = np.asarray(pre(always, jax.random.key(1)))

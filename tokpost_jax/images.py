@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image
+
+from tokpost_jax import files
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -43,7 +43,4 @@ def interleave_rows(top: np.ndarray, bottom: np.ndarray, ncols: int) -> np.ndarr
 
 def save_png(image: np.ndarray, path: str) -> None:
     """Writes a uint8 [H, W, 3] array as PNG via a temp file, so a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    files.atomic_write(path, lambda f: Image.fromarray(np.asarray(image)).save(f, format="PNG"))

@@ -30,6 +30,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tokpost_jax import checkpoint as ckpt_lib
+from tokpost_jax import files
 from tokpost_jax import images as images_lib
 from tokpost_jax import sharding as shd
 
@@ -52,13 +53,6 @@ STAGES = (
 
 def _copy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg.to_dict())
-
-
-def _write_json(path: str, payload: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 class Pipeline:
@@ -114,7 +108,7 @@ class Pipeline:
         result = fn()
         result = {**result, "seconds": round(time.time() - t0, 1)}
         if jax.process_index() == 0:
-            _write_json(os.path.join(self.dir(stage), "DONE.json"), result)
+            files.write_json(os.path.join(self.dir(stage), "DONE.json"), result)
         print(f"[pipeline] {stage}: finished in {result['seconds']:.0f}s", flush=True)
         return result
 
@@ -260,9 +254,8 @@ class Pipeline:
         results = {stage: self.run_stage(stage, steps[stage]) for stage in STAGES}
         table = results_table(results)
         if jax.process_index() == 0:
-            _write_json(os.path.join(self.workdir, "results.json"), results)
-            with open(os.path.join(self.workdir, "results.md"), "w") as f:
-                f.write(table + "\n")
+            files.write_json(os.path.join(self.workdir, "results.json"), results)
+            files.write_text(os.path.join(self.workdir, "results.md"), table + "\n")
             self.side_by_side()
         print(table, flush=True)
         return results

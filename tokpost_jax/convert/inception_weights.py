@@ -21,7 +21,6 @@ import importlib.util
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from tokpost_jax import files
 from tokpost_jax.convert.torchscript import TorchCheckpointError, read_torch_checkpoint
 
 __all__ = [
@@ -375,15 +375,7 @@ def _write_cache(path: Path, source_sha: str, flat: Mapping[str, np.ndarray]) ->
         "__digest__": np.array(_content_digest(flat)),
         "__format__": np.array(str(_CACHE_FORMAT)),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp.npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat, **meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared $TOKPOST_CACHE should stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.atomic_write(path, lambda f: np.savez(f, **flat, **meta))
 
 
 def load_inception_params(

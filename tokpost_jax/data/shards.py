@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import struct
-import tempfile
 import threading
 import zipfile
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tokpost_jax import files
 from tokpost_jax.data.sources import DataError
 
 __all__ = [
@@ -47,7 +47,6 @@ MANIFEST_NAME = "manifest.json"
 COMPLETE_NAME = "complete"
 _FORMAT = "tokpost_shards"
 _VERSION = 1
-_TMP_PREFIX = ".tmp-"
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # the 30-byte zip local file header
 
 
@@ -97,31 +96,6 @@ def _json_normal(obj: Any) -> Any:
         return json.loads(json.dumps(obj, sort_keys=True))
     except TypeError as e:
         raise ValueError(f"shard metadata must be JSON-serialisable: {e}") from e
-
-
-def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
-    """Writes through a temporary file in the same directory, then renames it over `path`.
-
-    Why: os.replace is atomic on POSIX, so readers and resumed jobs see either nothing or the
-    whole file, never a truncated one, whatever moment the writer is killed at.
-    """
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def _write_json(path: str, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _manifest_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -208,10 +182,10 @@ class ShardWriter:
                     "directory, or delete this one to regenerate it."
                 )
         else:
-            _write_json(path, self.manifest)
+            files.write_json(path, self.manifest, sort_keys=True)
         names = set(os.listdir(self.directory))
         for name in names:
-            if name.startswith(_TMP_PREFIX):  # left by a killed writer
+            if name.startswith(files.TMP_PREFIX):  # left by a killed writer
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.directory, name))
         self._present = {
@@ -274,7 +248,7 @@ class ShardWriter:
         if not self.is_writer:
             return
         path = os.path.join(self.directory, shard_name(index, self.num_shards))
-        _write_atomic(path, lambda f: np.savez(f, **checked))
+        files.atomic_write(path, lambda f: np.savez(f, **checked))
         self._present.add(index)
         if self.is_complete:
             self.finalize()
@@ -289,7 +263,8 @@ class ShardWriter:
                 f"{self.directory}: {len(missing)} of {self.num_shards} shards are missing "
                 f"(first: {missing[:5]}); write them before finalizing"
             )
-        _write_json(os.path.join(self.directory, COMPLETE_NAME), {"num_shards": self.num_shards})
+        done = {"num_shards": self.num_shards}
+        files.write_json(os.path.join(self.directory, COMPLETE_NAME), done, sort_keys=True)
 
 
 def write_shards(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from tokpost_jax import files
 from tokpost_jax import sharding as shd
 from tokpost_jax.convert.inception_weights import load_inception_params
 from tokpost_jax.metrics import fid
@@ -88,11 +89,7 @@ class Activations:
             arrays["pool_features"] = rows
         if images is not None:
             arrays["arr_0"] = np.asarray(images, np.uint8)
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def gather(tree: Any) -> Any:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokpost_jax import files
 from tokpost_jax.metrics import fid
 from tokpost_jax.metrics import reconstruction as rec
 from tokpost_jax.metrics.features import InceptionExtractor, gather, quantize_uint8
@@ -228,7 +229,6 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """rFID/pFID/... of a tokenizer run's latest checkpoint; writes ``metrics.json`` and the pFID
     plot to ``out_dir`` (default ``<workdir>/eval``) and returns the scalars."""
-    import json
 
     import flax.linen as nn
 
@@ -252,8 +252,5 @@ def evaluate_checkpoint(
         os.makedirs(out_dir, exist_ok=True)
         if grid_fids and evaluator.grid is not None:
             save_png(pfid_plot(grid_fids, evaluator.grid), os.path.join(out_dir, "pfid_grid.png"))
-        tmp = os.path.join(out_dir, f"metrics.json.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump({"params": params_key, **result}, f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "metrics.json"))
+        files.write_json(os.path.join(out_dir, "metrics.json"), {"params": params_key, **result})
     return result
