@@ -71,7 +71,9 @@ class TokenLayout:
             raise ValueError(f"{tokens.shape[-1]} tokens for a layout of {self.num_tokens}")
         o = self.offsets
         lead = tokens.shape[:-1]
-        return [tokens[..., o[k] : o[k + 1]].reshape(*lead, s, s) for k, s in enumerate(self.scales)]
+        return [
+            tokens[..., o[k] : o[k + 1]].reshape(*lead, s, s) for k, s in enumerate(self.scales)
+        ]
 
     def join(self, grids: Sequence[jax.Array]) -> jax.Array:
         """Per scale [..., s, s] → [..., L]."""
