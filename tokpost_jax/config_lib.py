@@ -102,3 +102,36 @@ def sibling_config(
     how one config builds on another (the pipeline on the stage configs, ImageNet on the demo)."""
     here = os.path.dirname(os.path.abspath(config_file))
     return load_config_file(os.path.join(here, f"{name}.py"), arg, lock=False)
+
+
+# LDM KL-VAE sizes (models/klvae.py; coda.md §1, coda_design.md §1.1). "mid" attention (the mid
+# block's) is always present; the lists name the extra per-level attention resolutions. kl16 is
+# MAR's VAE (CODA-MAR; latent scale 0.2325, shift 0). flux is the FLUX.1 VAE (CODA-FLUX); its
+# latent scale 0.3611 / shift 0.1159 belong to the tokenizer config, not here. demo is the CPU
+# demo (32² → 4×4×16, ≈1.07M params), micro the test size (16² → 8×8×4).
+KLVAE_SIZES: dict[str, dict[str, Any]] = {
+    "kl16": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=16,
+                 resolution=256, enc_attn_resolutions=(16,), dec_attn_resolutions=(),
+                 use_quant_conv=True, use_post_quant_conv=True, norm_groups=32),
+    "flux": dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16,
+                 resolution=256, enc_attn_resolutions=(), dec_attn_resolutions=(),
+                 use_quant_conv=False, use_post_quant_conv=False, norm_groups=32),
+    "demo": dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16,
+                 resolution=32, enc_attn_resolutions=(4,), dec_attn_resolutions=(),
+                 use_quant_conv=True, use_post_quant_conv=True, norm_groups=8),
+    "micro": dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=4,
+                  resolution=16, enc_attn_resolutions=(8,), dec_attn_resolutions=(),
+                  use_quant_conv=True, use_post_quant_conv=True, norm_groups=8),
+}
+
+
+def klvae(size: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """A KL-VAE size as a ConfigDict with LoRA off (lora_rank 0, no patterns) unless overridden."""
+    if size not in KLVAE_SIZES:
+        raise ValueError(f"Unknown KL-VAE size {size!r}; known: {sorted(KLVAE_SIZES)}")
+    cfg = dict(KLVAE_SIZES[size], lora_rank=0, lora_patterns=())
+    unknown = sorted(set(overrides) - set(cfg))
+    if unknown:
+        raise ValueError(f"Unknown KL-VAE fields {unknown}; known: {sorted(cfg)}")
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
