@@ -7,7 +7,8 @@ parameter tree mirrors the torch state dict one to one (``encoder.down.0.block.1
     encoder/{conv_in, down_i/{block_j/{norm1,conv1,norm2,conv2,nin_shortcut}, attn_j/{norm,q,k,v,
              proj_out}, downsample/conv}, mid/{block_1,attn_1,block_2}, norm_out, conv_out}
     quant_conv, post_quant_conv                       (when enabled)
-    decoder/{conv_in, mid, up_i/{block_j, attn_j, upsample/conv}, norm_out, conv_out}   up_0 = full res
+    decoder/{conv_in, mid, up_i/{block_j, attn_j, upsample/conv}, norm_out, conv_out}
+                                                      (up_0 is the full resolution, as in torch)
 
 Ops follow LDM exactly: GroupNorm (eps 1e-6, float32 two-pass statistics), SiLU, explicit torch
 padding, Downsample = pad (0,1,0,1) then a 3×3 stride-2 VALID conv, Upsample = nearest ×2 then a
@@ -174,7 +175,7 @@ class Encoder(_Ctx):
 
 
 class Decoder(_Ctx):
-    """Latent [B,h,w,z] → image [B,h·2^(L−1),w·2^(L−1),3]; ``up_i`` as in torch (up_0 = full res)."""
+    """Latent [B,h,w,z] → image [B,h·2^(L−1),w·2^(L−1),3]; ``up_i`` as in torch (up_0: full)."""
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
