@@ -91,7 +91,7 @@ class AttnBlock(_Ctx):
         h = self.norm("norm")(x)
         q, k, v = (self.conv(n, c, kernel=1, padding=_PAD0)(h).reshape(b, hh * ww, c)
                    for n in ("q", "k", "v"))
-        logits = jnp.einsum("bic,bjc->bij", q, k).astype(jnp.float32) * (c**-0.5)
+        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * c**-0.5
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, hh, ww, c)
         return x + self.conv("proj_out", c, kernel=1, padding=_PAD0)(out)
