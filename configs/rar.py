@@ -72,10 +72,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             prefetch_threads=2,
         )
     )
+    # The token count and codebook size are the tokenizer's (models/build.py reads them from the
+    # built tokenizer), so they are not repeated here.
     c.model = ml_collections.ConfigDict(
         dict(
-            codebook_size=c.tokenizer.model.codebook_size,
-            num_tokens=c.tokenizer.model.num_latent_tokens,
             num_classes=1000 if paper else 10,
             size=config_lib.rar({"rar_b": "B", "rar_l": "L", "micro": "micro"}.get(arg, "tiny")),
         )

@@ -16,8 +16,13 @@ that produced the released checkpoint unless noted; each choice is a named field
     token changes with probability α(1 − 1/δ); the paper describes exactly α·H·W changed tokens.
   * perturbation.neighbours="feature" — nearest codes to the continuous feature z (code); the
     paper's Eq. 4 writes code-to-code distances.
-  * perturbation.per_device_selection=True — the first ⌊β·B_local⌋ samples of every device's batch
-    (96 of 1024 on 8 devices), as the code; False takes ⌊β·B⌋ of the global batch.
+  * perturbation.group_size=128 — the code perturbs the first ⌊β·B_gpu⌋ samples of every GPU's
+    batch of 128: 8 × 12 = 96 of 1024, on any number of devices here; 0 takes ⌊β·B⌋ = 102 of the
+    global batch.
+  * gan.adaptive_weight_groups=1 — λ from the global batch (ours); the code computes it from each
+    GPU's own losses (8 for its 8 GPUs).
+  * loss.lpips_dropout=0.0 — a deterministic perceptual loss (ours); the code trains with LPIPS's
+    head dropout on (0.5: vq_loss.train() undoes LPIPS().eval()).
   * perturbation.beta=0.1 is the *perturbed* fraction (the paper's Eq. 3 has it inverted; a typo).
   * semantic.student_perturbed=True — the semantic student is the perturbed q (code); the paper
     says the perturbation comes after the semantic regulariser.
@@ -59,14 +64,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.optim.update(lr=2.4e-4, warmup_init_lr=1e-5, warmup_steps=1251, min_lr=5e-5, b1=0.9,
                    b2=0.95, weight_decay=0.0, clip_grad_norm=0.0, ema_decay=0.9999)
-    c.loss.update(l2_weight=1.0, lpips_weight=1.0, vq_weight=1.0, semantic_weight=0.1)
+    c.loss.update(l2_weight=1.0, lpips_weight=1.0, lpips_dropout=0.0, semantic_weight=0.1)
+    c.loss.quantizer_weights.update(codebook=1.0, commit=1.0)
 
     c.perturbation.update(enabled=True, beta=0.1, alpha0=1.0, delta0=100, anneal_start=40,
                           anneal_end=120, end_ratio=0.5, exclude_clean=False,
-                          neighbours="feature", per_device_selection=True)
+                          neighbours="feature", group_size=128)
     c.gan.update(enabled=True, discriminator="dino", start=56, weight=0.5, adaptive_weight=True,
-                 adaptive_max=1e4, lecam_weight=0.001, lecam_decay=0.999, diffaug=True,
-                 dino_image_size=224)
+                 adaptive_max=1e4, adaptive_eps=1e-4, adaptive_weight_groups=1,
+                 adaptive_param="vit_decoder/to_pixel/kernel", ramp="none", lecam_weight=0.001,
+                 lecam_decay=0.999, diffaug=True, dino_image_size=224)
     # D: AdamW (0.9, 0.95), wd 5e-4, cosine over the 144 epochs after its start, 4 warm-up epochs.
     c.gan.optim.update(lr=8e-4, warmup_init_lr=1e-5, warmup_steps=4 * 1251, min_lr=5e-5,
                        b1=0.9, b2=0.95, weight_decay=5e-4, clip_grad_norm=0.0)

@@ -71,6 +71,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(
         dict(
+            kind="vit_vq",  # the tokenizer family (models/build.py)
             patch_size=8,  # 4x4 patches: short sequences keep the CPU demo fast
             num_latent_tokens=16,  # a 4x4 grid of codes per 32x32 image
             codebook_size=512,
@@ -102,7 +103,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         dict(
             l2_weight=1.0,
             lpips_weight=0.0,  # CPU: LPIPS-VGG16 costs ~30x this tiny step; eval reports it
-            vq_weight=1.0,  # codebook + commit (commit already scaled by model.commit_weight)
+            # Dropout in front of LPIPS's linear heads during training. Ours: 0 (a deterministic
+            # perceptual loss). Official: 0.5, because xqgan_train.py calls vq_loss.train(),
+            # which undoes the LPIPS().eval() of vq_loss.py.
+            lpips_dropout=0.0,
+            # The quantizer's named losses (models/quantizer.py; commit is already scaled by
+            # model.commit_weight).
+            quantizer_weights=ml_collections.ConfigDict(dict(codebook=1.0, commit=1.0)),
             semantic_weight=0.0,  # needs semantic.teacher_weights
         )
     )
@@ -117,7 +124,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             end_ratio=0.5,
             exclude_clean=False,  # official code: rank drawn from [0, δ), rate α(1 − 1/δ)
             neighbours="feature",  # official code: nearest codes to z (paper Eq. 4: code-to-code)
-            per_device_selection=True,  # official code: first ⌊β·B_local⌋ of each device's batch
+            # ⌊β·G⌋ samples perturbed per contiguous group of G = group_size samples (0: the
+            # whole batch is one group). A number of samples, never the device count.
+            group_size=0,
         )
     )
     c.gan = ml_collections.ConfigDict(
@@ -128,6 +137,14 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             weight=0.5,  # disc_weight: scales both the G adversarial term and the D loss
             adaptive_weight=True,
             adaptive_max=1e4,
+            adaptive_eps=1e-4,  # VQGAN/RobusTok (CODA: 1e-6)
+            # The reference parameter W of λ = ‖∂L_rec/∂W‖ / ‖∂L_adv/∂W‖: the decoder's output
+            # layer (exact and cheap from its sown input); any other path costs one more backward.
+            adaptive_param="vit_decoder/to_pixel/kernel",
+            # λ from the whole batch (ours: 1) or separately for G contiguous groups of samples
+            # (the official code: each GPU's own losses, 8 GPUs → 8).
+            adaptive_weight_groups=1,
+            ramp="none",  # "linear": CODA's step/total_steps ramp of the adversarial term
             lecam_weight=0.001,
             lecam_decay=0.999,
             diffaug=True,
@@ -221,7 +238,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.model.encoder = config_lib.vit("micro")
         c.model.decoder = config_lib.vit("micro")
         c.optim.warmup_steps = 5
-        c.perturbation.update(delta0=4, anneal_start=10, anneal_end=30)
+        # 2 of each batch of 8 (⌊0.1·8⌋ = 0 would never perturb).
+        c.perturbation.update(beta=0.25, delta0=4, anneal_start=10, anneal_end=30)
         c.gan.update(start=10, patch_channels=8)
         c.log_every_steps = 10
         c.eval_every_steps = 20

@@ -14,6 +14,7 @@ import optax
 import pytest
 from scipy.special import erf
 
+from tokpost_jax.convert import dino
 from tokpost_jax.models import diffaug, resize
 from tokpost_jax.models import discriminator as disc
 
@@ -406,7 +407,7 @@ def test_converter_round_trip_through_safetensors(small, tmp_path):
     state = _timm_state(depth=model.num_blocks)
     path = tmp_path / "dino_small.safetensors"
     save_file(state, str(path))
-    params = disc.load_dino_backbone(path, width=32, depth=model.num_blocks, patch_size=8,
+    params = dino.load_dino_backbone(path, width=32, depth=model.num_blocks, patch_size=8,
                                      image_size=32, mlp_dim=64)
 
     # Same tree as the module's backbone, k-bias zeroed, q/v bias kept.
@@ -467,13 +468,13 @@ def test_converter_reads_torch_pth(tmp_path):
     state = _timm_state(depth=2)
     path = tmp_path / "dino_deitsmall_tiny.pth"
     _save_torch_state_dict(path, state)
-    params = disc.load_dino_backbone(path, width=32, depth=2, patch_size=8, image_size=32,
+    params = dino.load_dino_backbone(path, width=32, depth=2, patch_size=8, image_size=32,
                                      mlp_dim=64)
     np.testing.assert_array_equal(params["pos_embed"], state["pos_embed"])
     np.testing.assert_array_equal(params["blocks_1"]["mlp"]["fc2"]["kernel"],
                                   state["blocks.1.mlp.fc2.weight"].T)
-    with pytest.raises(disc.DinoWeightsError, match=r"(?s)dino_deitsmall_tiny\.pth.*missing keys"):
-        disc.load_dino_backbone(path, width=32, depth=3, patch_size=8, image_size=32, mlp_dim=64)
+    with pytest.raises(dino.DinoWeightsError, match=r"(?s)dino_deitsmall_tiny\.pth.*missing keys"):
+        dino.load_dino_backbone(path, width=32, depth=3, patch_size=8, image_size=32, mlp_dim=64)
 
 
 def test_converter_errors(tmp_path):
@@ -482,7 +483,7 @@ def test_converter_errors(tmp_path):
     # Prefixed checkpoints (DDP / DINO training wrappers) are accepted; head/norm ignored.
     prefixed = {f"module.backbone.{k}": v for k, v in state.items()}
     prefixed["module.backbone.head.weight"] = np.zeros((10, 32), np.float32)
-    conv = disc.convert_dino_state_dict(prefixed, **kw)
+    conv = dino.convert_dino_state_dict(prefixed, **kw)
     np.testing.assert_array_equal(conv["cls_token"], state["cls_token"])
     # Patch kernel follows vit.patchify order: [(i·p + j)·3 + c, d] = W[d, c, i, j].
     np.testing.assert_array_equal(conv["patch_embed"]["kernel"][(2 * 8 + 5) * 3 + 1],
@@ -490,16 +491,16 @@ def test_converter_errors(tmp_path):
 
     broken = dict(state)
     del broken["blocks.1.mlp.fc1.weight"]
-    with pytest.raises(disc.DinoWeightsError, match=r"missing keys.*blocks\.1\.mlp\.fc1\.weight"):
-        disc.convert_dino_state_dict(broken, **kw)
-    with pytest.raises(disc.DinoWeightsError, match=r"wrong shapes.*pos_embed"):
-        disc.convert_dino_state_dict({**state, "pos_embed": state["pos_embed"][:, :5]}, **kw)
-    with pytest.raises(disc.DinoWeightsError, match=r"unexpected keys.*ls1\.gamma"):
-        disc.convert_dino_state_dict({**state, "blocks.0.ls1.gamma": np.ones(32, np.float32)},
+    with pytest.raises(dino.DinoWeightsError, match=r"missing keys.*blocks\.1\.mlp\.fc1\.weight"):
+        dino.convert_dino_state_dict(broken, **kw)
+    with pytest.raises(dino.DinoWeightsError, match=r"wrong shapes.*pos_embed"):
+        dino.convert_dino_state_dict({**state, "pos_embed": state["pos_embed"][:, :5]}, **kw)
+    with pytest.raises(dino.DinoWeightsError, match=r"unexpected keys.*ls1\.gamma"):
+        dino.convert_dino_state_dict({**state, "blocks.0.ls1.gamma": np.ones(32, np.float32)},
                                      **kw)
-    with pytest.raises(disc.DinoWeightsError, match="cls_token"):
-        disc.convert_dino_state_dict({"foo": np.zeros(3)}, **kw)
-    with pytest.raises(disc.DinoWeightsError, match="width=384"):  # ViT-S/16 defaults
-        disc.convert_dino_state_dict(state)
+    with pytest.raises(dino.DinoWeightsError, match="cls_token"):
+        dino.convert_dino_state_dict({"foo": np.zeros(3)}, **kw)
+    with pytest.raises(dino.DinoWeightsError, match="width=384"):  # ViT-S/16 defaults
+        dino.convert_dino_state_dict(state)
     with pytest.raises(FileNotFoundError, match="DINO weights file not found"):
-        disc.load_dino_backbone(tmp_path / "nope.pth")
+        dino.load_dino_backbone(tmp_path / "nope.pth")

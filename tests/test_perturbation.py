@@ -1,5 +1,6 @@
 """RobusTok latent perturbation: neighbours, rates, batch selection, schedule, gradients, shapes."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -10,11 +11,13 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokpost_jax.models.perturbation import (
-    make_latent_hook,
+    Perturbation,
     nearest_code_ranks,
     perturb_codes,
+    perturb_from_ranks,
     perturb_indices,
     perturbation_schedule,
+    selected_samples,
 )
 from tokpost_jax.models.quantizer import L2VectorQuantizer
 from tokpost_jax.models.tokenizer import Tokenizer
@@ -56,16 +59,19 @@ def _rank_of(indices, ranks):
     return hit.argmax(-1)
 
 
+def _p(key, *, alpha, delta, beta=1.0, delta_max=DELTA_MAX, **kw):
+    return Perturbation(rng=key, alpha=alpha, delta=delta, beta=beta, delta_max=delta_max, **kw)
+
+
 def _pi(key, q, codebook, **kw):
-    return perturb_indices(key, q.features, codebook, delta_max=DELTA_MAX, **kw)
+    return perturb_indices(_p(key, **kw), q.features, codebook)
 
 
 # Jitted with every array an argument: closed-over arrays become constants that XLA would
-# constant-fold through top_k, which is very slow on CPU.
-@jax.jit
+# constant-fold through top_k, which is very slow on CPU. β is static (a sample count).
+@functools.partial(jax.jit, static_argnames="beta")
 def _pi_traced(key, features, codebook, alpha, delta, beta):
-    return perturb_indices(key, features, codebook, alpha=alpha, delta=delta, beta=beta,
-                           delta_max=DELTA_MAX)
+    return perturb_indices(_p(key, alpha=alpha, delta=delta, beta=beta), features, codebook)
 
 
 def test_nearest_code_ranks_match_brute_force(vq):
@@ -124,11 +130,11 @@ def test_zero_alpha_or_beta_is_identity(vq, alpha, beta):
     _, _, codebook = vq
     q = _quantize(vq, SMALL)
     key = jax.random.PRNGKey(4)
-    for a, b in [(alpha, beta), (jnp.float32(alpha), jnp.float32(beta))]:  # Python and traced
-        idx, replaced = _pi_traced(key, q.features, codebook, a, 100, b)
+    for a in (alpha, jnp.float32(alpha)):  # Python and traced α
+        idx, replaced = _pi_traced(key, q.features, codebook, a, 100, beta)
         np.testing.assert_array_equal(np.asarray(idx), np.asarray(q.indices))
         assert not np.asarray(replaced).any()
-        codes = perturb_codes(key, q, codebook, alpha=a, delta=100, beta=b, delta_max=DELTA_MAX)
+        codes = perturb_codes(_p(key, alpha=a, delta=100, beta=beta), q, codebook)
         assert np.array_equal(np.asarray(codes), np.asarray(q.quantized))  # bitwise
 
 
@@ -139,9 +145,9 @@ def test_only_first_beta_fraction_of_batch_changes(vq):
     key = jax.random.PRNGKey(5)
     clean = np.asarray(q.indices)
 
-    def changed_rows(beta, num_groups=1):
+    def changed_rows(beta, group_size=0):
         idx, replaced = _pi(key, q, codebook, alpha=1.0, delta=100, beta=beta,
-                            num_groups=num_groups)
+                            group_size=group_size)
         idx, replaced = np.asarray(idx), np.asarray(replaced)
         np.testing.assert_array_equal(replaced, idx != clean)
         return replaced.any(-1)
@@ -149,25 +155,37 @@ def test_only_first_beta_fraction_of_batch_changes(vq):
     n = math.floor(0.37 * batch)  # 5
     want = np.arange(batch) < n
     np.testing.assert_array_equal(changed_rows(0.37), want)
-    np.testing.assert_array_equal(changed_rows(jnp.float32(0.37)), want)  # traced β
-    # Per-device selection of the reference: ⌊β·G⌋ = 2 of each of 4 groups of 4.
-    np.testing.assert_array_equal(changed_rows(0.5, num_groups=4), np.arange(batch) % 4 < 2)
-    with pytest.raises(ValueError, match="num_groups"):
-        changed_rows(0.5, num_groups=3)
+    # The reference's per-GPU selection: ⌊β·G⌋ = 2 of each group of G = 4 samples.
+    np.testing.assert_array_equal(changed_rows(0.5, group_size=4), np.arange(batch) % 4 < 2)
+    with pytest.raises(ValueError, match="group_size=3"):
+        changed_rows(0.5, group_size=3)
+
+
+def test_selection_is_a_sample_count_not_a_device_count():
+    """The paper's batch: 96 of 1024 perturbed with groups of 128, whatever the mesh; a 256-way
+    data-parallel pod selects exactly the same samples (the bug this replaces grouped by shards
+    and perturbed 0 samples on ≥ 128 shards)."""
+    sel = np.asarray(selected_samples(1024, 0.1, group_size=128))
+    assert sel.sum() == 96
+    np.testing.assert_array_equal(sel.reshape(8, 128)[:, :12], True)
+    assert np.asarray(selected_samples(1024, 0.1)).sum() == 102  # one group: ⌊0.1·1024⌋
 
 
 def test_codes_are_straight_through_and_untouched_tokens_are_bitwise_clean(vq):
     _, _, codebook = vq
     q = _quantize(vq, SMALL)
     key = jax.random.PRNGKey(6)
-    kw = dict(alpha=0.5, delta=10, beta=0.5, delta_max=DELTA_MAX)
-    codes = np.asarray(perturb_codes(key, q, codebook, **kw))
-    idx, replaced = (np.asarray(a) for a in perturb_indices(key, q.features, codebook, **kw))
+    p = _p(key, alpha=0.5, delta=10, beta=0.5)
+    codes = np.asarray(perturb_codes(p, q, codebook))
+    idx, replaced = (np.asarray(a) for a in perturb_indices(p, q.features, codebook))
     assert 0 < replaced.mean() < 0.5
     np.testing.assert_allclose(codes, np.asarray(codebook)[idx], atol=1e-6)
     assert np.array_equal(codes[~replaced], np.asarray(q.quantized)[~replaced])
-    hook_codes = make_latent_hook(key, **kw)(q, codebook)
-    assert np.array_equal(np.asarray(hook_codes), codes)
+    # The shared rank path (CODA uses it with its assignment logits) gives the same indices.
+    ranks = nearest_code_ranks(q.features, codebook, DELTA_MAX)
+    idx_r, rep_r = perturb_from_ranks(p, ranks)
+    np.testing.assert_array_equal(np.asarray(idx_r), idx)
+    np.testing.assert_array_equal(np.asarray(rep_r), replaced)
 
 
 def test_gradients_flow_straight_through(vq):
@@ -181,7 +199,7 @@ def test_gradients_flow_straight_through(vq):
         q = quantizer.apply(params, z)
         if perturbed:
             codebook = quantizer.apply(params, method="normalized_codebook")
-            codes = perturb_codes(key, q, codebook, alpha=1.0, delta=20, beta=1.0, delta_max=20)
+            codes = perturb_codes(_p(key, alpha=1.0, delta=20, delta_max=20), q, codebook)
         else:
             codes = q.quantized
         return jnp.sum(codes * w)
@@ -199,16 +217,15 @@ def test_changing_delta_does_not_recompile_and_is_respected(vq):
     q = _quantize(vq, BIG, seed=10)
     traces = []
 
-    def fn(key, features, codebook, alpha, delta, beta):
+    def fn(key, features, codebook, alpha, delta):
         traces.append(1)
-        return perturb_indices(key, features, codebook, alpha=alpha, delta=delta, beta=beta,
-                               delta_max=DELTA_MAX)
+        return perturb_indices(_p(key, alpha=alpha, delta=delta), features, codebook)
 
     jitted = jax.jit(fn)
     ranks = nearest_code_ranks(q.features, codebook, DELTA_MAX)
     for delta in (100, 57, 3):
         idx, replaced = jitted(jax.random.PRNGKey(11), q.features, codebook, jnp.float32(1.0),
-                               jnp.int32(delta), jnp.float32(1.0))
+                               jnp.int32(delta))
         rank = _rank_of(idx, ranks)
         assert rank.max() == delta - 1  # 32768 draws: every rank < δ is hit with near certainty
         np.testing.assert_array_equal(np.asarray(replaced), rank > 0)
@@ -287,8 +304,8 @@ def test_schedule_values():
 
 
 @pytest.mark.slow  # ~10 s of ViT compilation on 2 CPU cores
-def test_hook_in_tokenizer_keeps_vq_losses_clean():
-    """End to end: the hook changes the reconstruction but not the VQ/commit losses."""
+def test_perturbation_in_tokenizer_keeps_vq_losses_clean():
+    """End to end: the perturbation changes the reconstruction but not the VQ/commit losses."""
     vit = dict(width=32, depth=1, num_heads=2, mlp_dim=64, drop_path=0.0, layerscale_init=None)
     model = Tokenizer(image_size=32, patch_size=8, num_latent_tokens=16, codebook_size=64,
                       code_dim=8, encoder=vit, decoder=vit)
@@ -297,10 +314,10 @@ def test_hook_in_tokenizer_keeps_vq_losses_clean():
 
     @jax.jit
     def both(params, images, key):
-        hook = make_latent_hook(key, alpha=1.0, delta=16, beta=1.0, delta_max=16)
-        return model.apply(params, images), model.apply(params, images, latent_hook=hook)
+        pert = _p(key, alpha=1.0, delta=16, delta_max=16)
+        return model.apply(params, images), model.apply(params, images, perturbation=pert)
 
     (rec_clean, q_clean), (rec_pert, q_pert) = both(params, images, jax.random.PRNGKey(18))
-    assert float(q_pert.codebook_loss) == float(q_clean.codebook_loss)
-    assert float(q_pert.commit_loss) == float(q_clean.commit_loss)
+    for name in ("codebook", "commit"):
+        assert float(q_pert.losses[name]) == float(q_clean.losses[name])
     assert not np.allclose(np.asarray(rec_pert), np.asarray(rec_clean))

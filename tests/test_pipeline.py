@@ -21,12 +21,12 @@ from tokpost_jax import config_lib
 from tokpost_jax import sharding as shd
 from tokpost_jax.checkpoint import load_params
 from tokpost_jax.data import make_train_iterator
+from tokpost_jax.datagen.tokens import pretokenize
+from tokpost_jax.models import build
 from tokpost_jax.pipeline import STAGES, Pipeline
-from tokpost_jax.pretokenize import pretokenize
 from tokpost_jax.train.generator import GeneratorStage
 from tokpost_jax.train.loop import ShardedStage
-from tokpost_jax.train.post_train import trainable_labels
-from tokpost_jax.train.tokenizer import build_tokenizer
+from tokpost_jax.train.partition import Partition
 
 
 @pytest.fixture(scope="module")
@@ -79,25 +79,45 @@ def test_pipeline_links_stage_configs_to_the_tokenizer(tmp_path):
     cfg.unlock()
     cfg.tokenizer.model.codebook_size = 32
     p = Pipeline(cfg, str(tmp_path))
-    assert p.generator.model.codebook_size == 32 == p.post.model.codebook_size
-    assert p.generator.model.num_tokens == cfg.tokenizer.model.num_latent_tokens
+    generator = build.generator(p.generator)  # token count and codebook come from the tokenizer
+    assert generator.codebook_size == 32 == p.post.model.codebook_size
+    assert generator.num_tokens == cfg.tokenizer.model.num_latent_tokens
     assert p.post.init_from.workdir == p.dir("tokenizer")
     assert p.generator.data.data_dir == p.dir("pretokenize")
+    assert p.generator.gfid.reference == p.reference_path and p.own_reference
 
 
-def test_trainable_labels_and_unknown_module_error():
-    params = {"vit_decoder": {"w": 1}, "post_quant_conv": {"b": 2}, "vit_encoder": {"w": 3}}
-    labels = trainable_labels(params, ("vit_decoder", "post_quant_conv"))
-    assert labels == {"vit_decoder": {"w": "train"}, "post_quant_conv": {"b": "train"},
-                      "vit_encoder": {"w": "freeze"}}
+def test_a_configured_gfid_reference_is_kept(tmp_path):
+    """A user's ADM reference (e.g. VIRTUAL_imagenet256_labeled.npz) is never replaced by a
+    val-split file; the reference stage then computes nothing."""
+    cfg = config_lib.load_config_file("configs/pipeline.py", "micro")
+    cfg.unlock()
+    cfg.generator.gfid.reference = "/refs/VIRTUAL_imagenet256_labeled.npz"
+    p = Pipeline(cfg, str(tmp_path))
+    assert p.generator.gfid.reference == "/refs/VIRTUAL_imagenet256_labeled.npz"
+    assert p.make_reference()["reference"] == "/refs/VIRTUAL_imagenet256_labeled.npz"
+    assert not os.path.exists(p.reference_path)
+
+
+def test_freezing_by_pattern_and_unmatched_pattern_error():
+    params = {"vit_decoder": {"w": 1, "x": {"y": 4}}, "post_quant_conv": {"b": 2},
+              "vit_encoder": {"w": 3}}
+    part = Partition(("vit_decoder/*", "post_quant_conv/b"))
+    assert part.labels(params) == {
+        "vit_decoder": {"w": "train", "x": {"y": "train"}}, "post_quant_conv": {"b": "train"},
+        "vit_encoder": {"w": "freeze"}}
+    train, frozen = part.split(params)
+    assert frozen == {"vit_encoder": {"w": 3}} and Partition.merge(train, frozen) == params
     with pytest.raises(ValueError, match="decoderr"):
-        trainable_labels(params, ("decoderr",))
+        Partition(("decoderr/*",)).labels(params)
+    with pytest.raises(ValueError, match="must stay frozen"):
+        Partition(("*",), must_freeze=("vit_encoder/*",)).labels(params)
 
 
 def test_generator_loss_decreases_on_real_tokens(tmp_path):
     """Micro RAR on tokens of the 500 real val digits (random micro tokenizer), 60 steps."""
     tok_cfg = config_lib.load_config_file("configs/tokenizer.py", "micro")
-    model = build_tokenizer(tok_cfg)
+    model = build.tokenizer(tok_cfg)
     size = tok_cfg.data.image_size
     tok_params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
     mesh = shd.make_mesh(tok_cfg.mesh)
@@ -126,8 +146,8 @@ def test_generator_loss_decreases_on_real_tokens(tmp_path):
             losses.append(float(metrics["loss"]))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
     assert last < first - 0.3, (first, last)
-    assert np.log(cfg.model.codebook_size) == pytest.approx(losses[0], abs=0.3)  # ~uniform init
-    assert stage.throughput_scalars(10.0)["tokens_per_sec"] == 10.0 * cfg.model.num_tokens
+    assert np.log(stage.model.codebook_size) == pytest.approx(losses[0], abs=0.3)  # ~uniform
+    assert stage.throughput_scalars(10.0)["tokens_per_sec"] == 10.0 * stage.model.num_tokens
 
 
 def test_pipeline_cli_reports_bad_input_in_one_line(tmp_path):

@@ -21,8 +21,8 @@ from tokpost_jax.config_lib import load_config_file
 from tokpost_jax.data import DataError, make_source, make_train_iterator
 from tokpost_jax.data.preprocess import center_crop, to_float
 from tokpost_jax.data.shards import COMPLETE_NAME, ShardSource, shard_name
-from tokpost_jax.pretokenize import crop_views, pretokenize
-from tokpost_jax.train.tokenizer import build_tokenizer
+from tokpost_jax.datagen.tokens import crop_views, pretokenize
+from tokpost_jax.models import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT = "val"
@@ -33,7 +33,7 @@ BATCH = 64
 @pytest.fixture(scope="module")
 def setup():
     cfg = load_config_file(os.path.join(REPO, "configs/tokenizer.py:micro"))
-    model = build_tokenizer(cfg)
+    model = build.tokenizer(cfg)
     size = cfg.data.image_size
     # jitted: eager init runs op by op (~14 s on the fake devices)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
@@ -210,7 +210,7 @@ def test_cli_writes_the_same_tokens_from_a_checkpoint(setup, center_run, tmp_pat
     ckpt.close()
     out = tmp_path / "tokens"
     cmd = [
-        sys.executable, "-m", "tokpost_jax.pretokenize",
+        sys.executable, "-m", "tokpost_jax.cli.pretokenize",
         f"--config={os.path.join(REPO, 'configs/tokenizer.py')}:micro",
         f"--workdir={workdir}", f"--out={out}", f"--split={SPLIT}", "--mode=center",
         f"--batch_size={BATCH}", "--records_per_shard=128",

@@ -48,11 +48,11 @@ def test_loss_values_on_hand_case():
     out = q.apply(params, z)
     assert int(out.indices[0, 0]) == 1
     sq = (0.6 - 0.0) ** 2 + (0.8 - 1.0) ** 2  # 0.4, averaged over the 2 dims
-    np.testing.assert_allclose(float(out.codebook_loss), sq / 2, rtol=1e-6)
-    np.testing.assert_allclose(float(out.commit_loss), 0.25 * sq / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(out.losses["codebook"]), sq / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(out.losses["commit"]), 0.25 * sq / 2, rtol=1e-6)
     # Codebook loss moves the code, commit loss moves the feature.
-    g_code = jax.grad(lambda p: q.apply(p, z).codebook_loss)(params)["params"]["embedding"]
-    g_feat = jax.grad(lambda z: q.apply(params, z).codebook_loss)(z)
+    g_code = jax.grad(lambda p: q.apply(p, z).losses["codebook"])(params)["params"]["embedding"]
+    g_feat = jax.grad(lambda z: q.apply(params, z).losses["codebook"])(z)
     assert np.abs(np.asarray(g_code)).sum() > 0 and np.abs(np.asarray(g_feat)).sum() == 0
 
 

@@ -24,8 +24,8 @@ from tokpost_jax.convert.timm_vit import (
     resize_matrix,
     vit_to_tokpost,
 )
+from tokpost_jax.models import build
 from tokpost_jax.models.vit import Block, patchify, resize_grid_embedding
-from tokpost_jax.train.tokenizer import build_tokenizer
 
 # The "micro" tokenizer's ViT made 2 deep with LayerScale: width 32, 2 heads, MLP 64, 16 px images,
 # patch 4 (a 4x4 grid), 16 latent tokens.
@@ -118,7 +118,7 @@ def tokenizer():
         vit.depth = DEPTH
         vit.layerscale_init = 1e-5
     assert cfg.data.image_size == IMAGE and cfg.model.patch_size == PATCH
-    model = build_tokenizer(cfg)
+    model = build.tokenizer(cfg)
     # The real tree (names, shapes, dtypes, logical boxes) without compiling an init; the values
     # only matter for the leaves an import keeps, so random ones do.
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, IMAGE, IMAGE, 3)))

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from tokpost_jax.config_lib import load_config_file
+from tokpost_jax.models import build
 from tokpost_jax.models.tokenizer import Tokenizer
 from tokpost_jax.models.vit import patchify, resize_grid_embedding, unpatchify
-from tokpost_jax.train.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def micro():
     cfg = load_config_file("configs/tokenizer.py", "micro")
-    model = build_tokenizer(cfg)
+    model = build.tokenizer(cfg)
     params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"])
     return cfg, model, params
 
@@ -78,7 +78,7 @@ def test_latent_grid_differs_from_patch_grid():
     cfg = load_config_file("configs/tokenizer.py", "micro")
     cfg.unlock()
     cfg.model.num_latent_tokens = 4  # 2x2 latents over a 4x4 patch grid
-    model = build_tokenizer(cfg)
+    model = build.tokenizer(cfg)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
     recon, q = model.apply({"params": params}, jnp.zeros((2, 16, 16, 3)))
     assert recon.shape == (2, 16, 16, 3) and q.indices.shape == (2, 4)
@@ -95,7 +95,7 @@ def test_resize_grid_embedding_identity_and_shape():
 def test_vit_b_imagenet_shapes():
     """The paper-size config builds (abstractly) with the expected parameter count (~2x86M)."""
     cfg = load_config_file("configs/robustok_imagenet.py")
-    model = build_tokenizer(cfg)
+    model = build.tokenizer(cfg)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 256, 256, 3)))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert 165e6 < n < 185e6, n

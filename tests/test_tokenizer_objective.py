@@ -76,21 +76,28 @@ def test_discriminator_waits_for_its_start_and_frozen_nets_stay_out(stage_and_ba
 
 
 def test_perturbation_changes_decoder_input_but_not_vq_losses(stage_and_batches):
-    """The hook only touches the decoder input: VQ/commit losses equal the unperturbed ones."""
+    """The perturbation only touches the decoder input: VQ/commit losses equal the unperturbed
+    ones, and only the β-selected images change."""
     stage, batches = stage_and_batches
     params = nn.unbox(stage.init(jax.random.PRNGKey(0)).params)
     images = batches[0]["image"]
-    # The stage's own hook at β = 0.1 perturbs ⌊0.8⌋ = 0 of 8 images: a no-op.
-    hook = stage.latent_hook(jnp.asarray(0), jax.random.PRNGKey(3))
+    # The stage's own perturbation at β = 0.25 selects ⌊0.25·8⌋ = 2 of 8 images.
+    pert = stage.perturbation(jnp.asarray(0), jax.random.PRNGKey(3))
     recon_c, q_clean = stage.model.apply({"params": params}, images)
-    recon_h, _ = stage.model.apply({"params": params}, images, latent_hook=hook)
-    np.testing.assert_array_equal(np.asarray(recon_h), np.asarray(recon_c))
-    every = perturbation.make_latent_hook(jax.random.PRNGKey(3), alpha=1.0, delta=4, beta=1.0,
-                                          delta_max=4)
-    recon_p, q_pert = stage.model.apply({"params": params}, images, latent_hook=every)
-    assert float(q_clean.codebook_loss) == float(q_pert.codebook_loss)
-    assert float(q_clean.commit_loss) == float(q_pert.commit_loss)
+    recon_h, _ = stage.model.apply({"params": params}, images, perturbation=pert)
+    np.testing.assert_array_equal(np.asarray(recon_h)[2:], np.asarray(recon_c)[2:])
+    assert not np.allclose(np.asarray(recon_h)[:2], np.asarray(recon_c)[:2])
+    every = perturbation.Perturbation(
+        rng=jax.random.PRNGKey(3), alpha=1.0, delta=4, beta=1.0, delta_max=4
+    )
+    recon_p, q_pert = stage.model.apply({"params": params}, images, perturbation=every)
+    for name in ("codebook", "commit"):
+        assert float(q_clean.losses[name]) == float(q_pert.losses[name])
     assert not np.allclose(np.asarray(recon_p), np.asarray(recon_c))
+    # pFID's entry point is the same forward.
+    clamped = stage.model.apply({"params": params}, images, every,
+                                method="perturbed_reconstruct")
+    np.testing.assert_array_equal(np.asarray(clamped), np.clip(np.asarray(recon_p), -1, 1))
 
 
 def test_semantic_teacher_loads_a_timm_checkpoint_and_the_loss_runs(tmp_path):

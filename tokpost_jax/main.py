@@ -1,17 +1,17 @@
 r"""Entry point: ``python -m tokpost_jax.main --config=configs/<file>.py:<arg> --workdir=<dir>``.
 
-Parses flags, sets up (multi-host) JAX and hands the config to the trainer the config names.
-Overrides use ml_collections syntax (``--config.optim.lr=1e-4``); the config is locked, so a typo
-in a key is an error that names the key.
+Parses flags, sets up (multi-host) JAX, checks the config and hands it to the trainer the config
+names. Overrides use ml_collections syntax (``--config.optim.lr=1e-4``); the config is locked, so
+a typo in a key is a one-line error that names the key and the closest valid ones.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from typing import Any
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from tokpost_jax import cli
 
@@ -21,19 +21,14 @@ TRAINERS = {
     "generator": "tokpost_jax.train.generator:GeneratorStage",
     "post_train": "tokpost_jax.train.post_train:PostTrainStage",
 }
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/tokenizer.py:demo", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Where checkpoints, logs and images go; a rerun with the same workdir resumes."
-)
-flags.mark_flags_as_required(["config", "workdir"])
+CONFIG_FILES = ("tokenizer", "robustok_imagenet", "rar", "post_train")
 
 
 def stage_class(trainer: str) -> type:
     if trainer not in TRAINERS:
-        raise ValueError(f"config.trainer={trainer!r} is unknown; known: {sorted(TRAINERS)}")
+        from tokpost_jax.config_checks import ConfigValueError
+
+        raise ConfigValueError("trainer", trainer, f"one of {sorted(TRAINERS)}")
     module, cls = TRAINERS[trainer].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -52,23 +47,30 @@ def summary_table(history: list[dict], workdir: str) -> str:
     )
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    cli.setup_process()
+def define_flags() -> dict[str, Any]:
+    return {
+        **cli.define_config("Config file and variant, e.g. configs/tokenizer.py:demo.",
+                            CONFIG_FILES),
+        "workdir": flags.DEFINE_string(
+            "workdir", None,
+            "Where checkpoints, logs and images go; a rerun with the same workdir resumes.",
+        ),
+    }
+
+
+def main(fl: dict[str, Any]) -> None:
     import jax
 
+    from tokpost_jax import config_checks
     from tokpost_jax.train import loop
 
-    config = _CONFIG.value
-    workdir = _WORKDIR.value
+    config, workdir = fl["config"].value, fl["workdir"].value
+    config_checks.check_config(config)
     logging.info("Config:\n%s", config)
-    try:
-        history = loop.train(config, workdir, stage_class(config.trainer))
-    except cli.user_errors() as e:
-        cli.exit_with(e)
+    history = loop.train(config, workdir, stage_class(config.trainer))
     if jax.process_index() == 0 and history:
         print(summary_table(history, workdir))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(define_flags, main, required=("config", "workdir"))

@@ -16,6 +16,7 @@ recall without and with post-training) and ``<workdir>/samples_before_after.png`
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -26,17 +27,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from tokpost_jax import checkpoint as ckpt_lib
-from tokpost_jax import files
+from tokpost_jax import cli, files, workdir_lock
 from tokpost_jax import images as images_lib
 from tokpost_jax import sharding as shd
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pipeline.py:<variant>")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every stage of the pipeline.")
-flags.mark_flags_as_required(["config", "workdir"])
+from tokpost_jax.models import build
 
 STAGES = (
     "tokenizer",
@@ -69,9 +66,11 @@ class Pipeline:
         g.tokenizer_workdir = self.dir("tokenizer")
         g.data.data_dir = self.dir("pretokenize")
         g.data.image_size = tok.data.image_size
-        g.model.codebook_size = tok.model.codebook_size
-        g.model.num_tokens = tok.model.num_latent_tokens
-        g.gfid.reference = self.reference_path
+        # A configured reference (e.g. ADM's VIRTUAL_imagenet256_labeled.npz) wins; without one
+        # the pipeline writes one from the tokenizer data's eval split (the "reference" stage).
+        self.own_reference = not g.gfid.reference
+        if self.own_reference:
+            g.gfid.reference = self.reference_path
         p = self.post = _copy(config.post_train)
         p.model = _copy(tok.model)
         p.eval_data = _copy(tok.data)
@@ -131,6 +130,8 @@ class Pipeline:
         from tokpost_jax.metrics import features, reference
 
         g = self.generator.gfid
+        if not self.own_reference:
+            return {"reference": g.reference, "split": "configured file"}
         extractor = features.InceptionExtractor(
             self.mesh, self.rules, batch_size=g.batch_size, weights_path=g.inception_weights
         )
@@ -140,10 +141,14 @@ class Pipeline:
         )
         if jax.process_index() == 0:
             acts.save_npz(self.reference_path)
-        return {"num_images": acts.count, "split": f"{data.name}:{data.eval_split}"}
+        return {
+            "reference": self.reference_path,
+            "num_images": acts.count,
+            "split": f"{data.name}:{data.eval_split}",
+        }
 
     def pretokenize(self) -> dict:
-        from tokpost_jax.pretokenize import pretokenize
+        from tokpost_jax.datagen.tokens import pretokenize
 
         params = self.tokenizer_params("tokenizer")
         p = self.config.pretokenize
@@ -169,11 +174,10 @@ class Pipeline:
 
     def _evaluator(self):
         from tokpost_jax.metrics import generation
-        from tokpost_jax.train.generator import build_generator
 
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return generation.evaluator_from_config(
-                self.generator, build_generator(self.generator), self.mesh
+                self.generator, build.generator(self.generator), self.mesh
             )
 
     def _gfid(self, stage: str, decoders: dict[str, Any]) -> dict:
@@ -191,7 +195,11 @@ class Pipeline:
                 )
                 out[name] = metrics
                 if jax.process_index() == 0:
-                    np.savez(os.path.join(self.dir(stage), f"samples_{name}.npz"), samples)
+                    buffer = io.BytesIO()
+                    np.savez(buffer, samples)
+                    files.write_bytes(
+                        os.path.join(self.dir(stage), f"samples_{name}.npz"), buffer.getvalue()
+                    )
                     images_lib.save_png(
                         ev.grid(samples[: self.config.num_grid_images]),
                         os.path.join(self.dir(stage), f"samples_{name}.png"),
@@ -207,15 +215,14 @@ class Pipeline:
         return self._gfid("gfid_before", {"main": None})
 
     def make_pairs(self) -> dict:
-        from tokpost_jax.pairs import generate_pairs
-        from tokpost_jax.train.generator import build_generator
+        from tokpost_jax.datagen.pairs import generate_pairs
 
         p = self.post.post
         s = self.generator.sampling
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             result = generate_pairs(
                 self.tokenizer, self.tokenizer_params("tokenizer"),
-                build_generator(self.generator), {"params": self.generator_params()},
+                build.generator(self.generator), {"params": self.generator_params()},
                 self.dir("pairs"), split=p.source_split, num_images=p.num_images,
                 sigma=p.sigma, seed=p.seed,
                 sampling=dict(guidance=s.guidance, power=s.power, temperature=s.temperature,
@@ -240,6 +247,10 @@ class Pipeline:
     # ---- the whole thing ---------------------------------------------------------------------
     def run(self) -> dict:
         os.makedirs(self.workdir, exist_ok=True)
+        with workdir_lock.hold(self.workdir):
+            return self._run()
+
+    def _run(self) -> dict:
         steps = {
             "tokenizer": self.train_tokenizer,
             "tokenizer_eval": self.evaluate_tokenizer,
@@ -304,19 +315,28 @@ def results_table(results: dict) -> str:
     n = int(rows[0][1].get("num_samples", 0))
     lines.append("")
     lines.append(f"gFID over {n} class-balanced samples; the same token sequences for every row.")
+    ref = results.get("reference", {})
+    if ref.get("reference"):
+        where = ref.get("split", "")
+        lines.append(f"Reference: {ref['reference']}" + (f" ({where})" if where else "") + ".")
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    from tokpost_jax import cli
+def define_flags() -> dict[str, Any]:
+    return {
+        **cli.define_config("The pipeline's config.", ("pipeline",)),
+        "workdir": flags.DEFINE_string(
+            "workdir", None, "Directory for every stage of the pipeline (a rerun resumes)."
+        ),
+    }
 
-    cli.setup_process()
-    try:
-        Pipeline(_CONFIG.value, _WORKDIR.value).run()
-    except cli.user_errors() as e:
-        cli.exit_with(e)
+
+def main(fl: dict[str, Any]) -> None:
+    from tokpost_jax import config_checks
+
+    config_checks.check_pipeline_config(fl["config"].value)
+    Pipeline(fl["config"].value, fl["workdir"].value).run()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(define_flags, main, required=("config", "workdir"))

@@ -13,6 +13,7 @@ import functools
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -23,8 +24,8 @@ from tokpost_jax import sharding as shd
 from tokpost_jax.checkpoint import load_params
 from tokpost_jax.metrics import features as features_lib
 from tokpost_jax.metrics import reference as ref_lib
+from tokpost_jax.models import build
 from tokpost_jax.models.generator import RAR
-from tokpost_jax.models.tokenizer import Tokenizer
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -37,7 +38,7 @@ class GenerationEvaluator:
     def __init__(
         self,
         generator: RAR,
-        tokenizer: Tokenizer,
+        tokenizer: nn.Module,
         tokenizer_params: Any,
         extractor: features_lib.InceptionExtractor,
         sampling_cfg: ml_collections.ConfigDict,
@@ -70,7 +71,7 @@ class GenerationEvaluator:
             guidance=float(s.guidance), power=float(s.power), temperature=float(s.temperature),
             top_k=int(s.top_k), top_p=float(s.top_p),
         )
-        decoded = self.tokenizer.apply({"params": tok_params}, tokens, method=Tokenizer.decode)
+        decoded = self.tokenizer.apply({"params": tok_params}, tokens, method="decode")
         return features_lib.quantize_uint8(decoded)
 
     def _render(
@@ -127,7 +128,7 @@ class GenerationEvaluator:
 
         def decode(params, labels, rng):
             tokens = jax.random.randint(rng, (labels.shape[0], n), 0, k)
-            images = self.tokenizer.apply({"params": params}, tokens, method=Tokenizer.decode)
+            images = self.tokenizer.apply({"params": params}, tokens, method="decode")
             return features_lib.quantize_uint8(images)
 
         fn = jax.jit(decode, out_shardings=self.extractor.batch_sharding)
@@ -139,9 +140,7 @@ class GenerationEvaluator:
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple:
-    """(Tokenizer module, params) of ``config.tokenizer`` from ``config.tokenizer_workdir``."""
-    from tokpost_jax.train.tokenizer import build_tokenizer
-
+    """(tokenizer module, params) of ``config.tokenizer`` from ``config.tokenizer_workdir``."""
     workdir = workdir or config.tokenizer_workdir
     if not workdir:
         raise FileNotFoundError(
@@ -149,7 +148,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None
             "pass --config.tokenizer_workdir=<tokenizer run dir>"
         )
     params = load_params(os.path.join(workdir, "checkpoints"), key=config.tokenizer_params_key)
-    return build_tokenizer(config.tokenizer), params
+    return build.tokenizer(config.tokenizer), params
 
 
 def reference_loader(config: ml_collections.ConfigDict, extractor: features_lib.InceptionExtractor):

@@ -1,34 +1,40 @@
-"""Tokenizer quality: rFID, pFID (RobusTok), PSNR, SSIM, LPIPS and codebook usage in one pass.
+"""Tokenizer quality: PSNR, SSIM, LPIPS, codebook usage, rFID and pFID (RobusTok) in one pass.
+
+One evaluator for every caller (the training stages' periodic evaluation, the ``eval_tokenizer``
+command, the pipeline) and every tokenizer family: it only uses the tokenizer interface
+(``reconstruct``, ``perturbed_reconstruct``, ``layout``, ``codebook_size``).
 
 pFID (robustok.md §7) is the FID between decoded *perturbed* tokens and the input images, with
 every image perturbed (β = 1), averaged over a grid of perturbation rates α and neighbourhood
 sizes δ. δ is given at K = 16384 (the paper's {200, 280, 360}) and scaled linearly to the
 tokenizer's codebook. The reference set is the input images themselves, as for rFID.
 
-All FIDs share one pass over the data: each batch is encoded once; its reconstruction and every
-grid point's perturbed decode go through the Inception network on the mesh, and only features
-come back to the host. Draws are seeded per (grid point, batch), so the numbers are reproducible.
+Each batch is encoded once per parameter set; its reconstruction and every grid point's perturbed
+decode go through the Inception network on the mesh, and only features come back to the host.
+Draws are seeded per (grid point, batch), so the numbers are reproducible.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tokpost_jax import files
+from tokpost_jax import images as images_lib
 from tokpost_jax.metrics import fid
 from tokpost_jax.metrics import reconstruction as rec
 from tokpost_jax.metrics.features import InceptionExtractor, gather, quantize_uint8
 from tokpost_jax.metrics.reference import global_eval_batches, split_config
 from tokpost_jax.models.inception import inception_features
-from tokpost_jax.models.perturbation import perturb_codes
-from tokpost_jax.models.tokenizer import Tokenizer
+from tokpost_jax.models.perturbation import Perturbation
 
 #: Codebook size at which the paper states its pFID δ values.
 PFID_REFERENCE_CODEBOOK = 16384
@@ -70,36 +76,67 @@ def point_name(alpha: float, delta: int) -> str:
     return f"fid_a{alpha:g}_d{delta}"
 
 
+def usage_scalars(counts: np.ndarray, sides: Sequence[int]) -> dict[str, float]:
+    """Usage (fraction of codes hit) and perplexity, pooled over scales and, for a pyramid, per
+    scale (``usage_s<side>``; a coarse scale's ceiling is min(1, N·s²/K))."""
+
+    def of(c: np.ndarray) -> tuple[float, float]:
+        probs = c / max(c.sum(), 1.0)
+        nz = probs[probs > 0]
+        return float(np.mean(c > 0)), float(np.exp(-np.sum(nz * np.log(nz))))
+
+    out = dict(zip(("codebook_usage", "codebook_perplexity"), of(counts.sum(0)), strict=True))
+    if len(sides) > 1:
+        for side, c in zip(sides, counts, strict=True):
+            out[f"usage_s{side}"], out[f"perplexity_s{side}"] = of(c)
+    return out
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One parameter set's results; ``images`` holds uint8 reconstructions kept for a grid."""
+
+    scalars: dict[str, float]
+    grid_fids: dict[str, float]
+    images: np.ndarray | None = None
+
+
 class TokenizerEvaluator:
-    """rFID / pFID / PSNR / SSIM / LPIPS / usage of one tokenizer over eval batches."""
+    """PSNR / SSIM / MSE / LPIPS / usage, and with an Inception extractor rFID and pFID."""
 
     def __init__(
         self,
-        model: Tokenizer,
-        extractor: InceptionExtractor,
+        model: nn.Module,
         *,
-        grid: PerturbationGrid | None,
-        seed: int,
+        extractor: InceptionExtractor | None = None,
+        grid: PerturbationGrid | None = None,
+        seed: int = 0,
         lpips: Any = None,
         frechet_method: str = "eigh",
     ):
-        """``lpips``: the LPIPS module (its params go to :meth:`run`) or None; ``grid``: None
-        computes rFID only."""
+        """``lpips``: the LPIPS module (its params go to :meth:`run`) or None; ``extractor``:
+        None skips every FID; ``grid``: None computes rFID only."""
         self.model = model
         self.extractor = extractor
-        self.grid = grid
+        self.grid = grid if extractor is not None else None
         self.seed = seed
         self.lpips = lpips
         self.frechet_method = frechet_method
-        out = extractor.batch_sharding
-        self._recon = jax.jit(self._recon_batch, out_shardings=(out, None, None))
-        if grid is not None:
+        self.layout = model.layout
+        self._scale_of_token = jnp.asarray(self.layout.scale_of_token())
+        # Reconstructions leave the device only when a grid keeps some (static: two programs).
+        self._recon = {
+            keep: jax.jit(functools.partial(self._recon_batch, keep=keep)) for keep in (False, True)
+        }
+        if self.grid is not None:
+            out = extractor.batch_sharding
             self._perturbed = jax.jit(self._perturbed_batch, out_shardings=out)
 
     # ---- device functions ---------------------------------------------------------------------
-    def _recon_batch(self, params: Any, inc: Any, lpips_params: Any, images: jax.Array, mask):
-        recon, q = self.model.apply({"params": params}, images, deterministic=True)
-        recon = jnp.clip(recon, -1.0, 1.0)
+    def _recon_batch(
+        self, params: Any, inc: Any, lpips_params: Any, images: jax.Array, mask, *, keep: bool
+    ):
+        recon, indices = self.model.apply({"params": params}, images, method="reconstruct")
         m = mask.astype(jnp.float32)
         sums = {
             "psnr": jnp.sum(rec.psnr_per_image(recon, images) * m),
@@ -109,96 +146,155 @@ class TokenizerEvaluator:
         if self.lpips is not None and lpips_params is not None:
             lp = self.lpips.apply({"params": lpips_params}, recon, images)
             sums["lpips"] = jnp.sum(lp * m)
-        counts = jnp.zeros((self.model.codebook_size,), jnp.float32).at[q.indices].add(m[:, None])
-        feats = {
-            "real": inception_features(inc, quantize_uint8(images)),
-            "recon": inception_features(inc, quantize_uint8(recon)),
-        }
-        return feats, sums, counts
+        shape = (self.layout.num_scales, self.model.codebook_size)
+        scale = jnp.broadcast_to(self._scale_of_token, indices.shape)
+        counts = jnp.zeros(shape, jnp.float32).at[scale, indices].add(m[:, None])
+        feats = None
+        if inc is not None:
+            feats = {
+                "real": inception_features(inc, quantize_uint8(images)),
+                "recon": inception_features(inc, quantize_uint8(recon)),
+            }
+        return (recon if keep else None), feats, sums, counts
 
     def _perturbed_batch(
         self, params: Any, inc: Any, images: jax.Array, rng: jax.Array, alpha, delta
-    ) -> dict[str, jax.Array]:
+    ) -> jax.Array:
         grid = self.grid
         assert grid is not None
-
-        def decode(mdl: Tokenizer) -> jax.Array:
-            q = mdl.quantizer(mdl.encode_features(images, True))
-            codes = perturb_codes(
-                rng, q, mdl.codebook(),
-                alpha=alpha, delta=delta, beta=1.0, delta_max=max(grid.deltas),
-                exclude_clean=grid.exclude_clean, neighbours=grid.neighbours,
-            )
-            return jnp.clip(mdl.decode_codes(codes, True), -1.0, 1.0)
-
-        out = self.model.apply({"params": params}, method=decode)
+        perturbation = Perturbation(
+            rng=rng, alpha=alpha, delta=delta, beta=1.0, delta_max=max(grid.deltas),
+            exclude_clean=grid.exclude_clean, neighbours=grid.neighbours,
+        )
+        out = self.model.apply(
+            {"params": params}, images, perturbation, method="perturbed_reconstruct"
+        )
         return inception_features(inc, quantize_uint8(out))
 
     # ---- host loop ----------------------------------------------------------------------------
     def run(
-        self, params: Any, batches: Iterable[Mapping[str, jax.Array]], lpips_params: Any = None
-    ) -> tuple[dict[str, float], dict[str, float]]:
-        """(scalars, grid FIDs by name) over global eval batches ``{'image', 'mask'}``."""
+        self,
+        params: Mapping[str, Any],
+        batches: Iterable[Mapping[str, jax.Array]],
+        lpips_params: Any = None,
+        *,
+        fid_for: Sequence[str] | None = None,
+        keep_images: int = 0,
+        keep_per_batch: int = 0,
+    ) -> dict[str, Evaluation]:
+        """Every named parameter set over global eval batches ``{'image', 'mask'}``.
+
+        ``fid_for``: the names that get rFID/pFID (default: all, when there is an extractor).
+        ``keep_images``: how many reconstructions (and, under "originals", inputs) to keep for
+        a grid, ``keep_per_batch`` of them spread over each batch (the eval split is often
+        sorted by class).
+        """
         ex = self.extractor
-        real, recon = ex.new_activations(False), ex.new_activations(False)
-        perturbed = {p: ex.new_activations(False) for p in (self.grid.points if self.grid else [])}
-        totals: dict[str, float] = {}
-        counts = np.zeros((self.model.codebook_size,), np.float64)
+        fid_names = set(params if fid_for is None else fid_for) if ex is not None else set()
+        inc = ex.params if ex is not None else None
+        real = ex.new_activations(False) if fid_names else None
+        state = {
+            name: {
+                "recon": ex.new_activations(False) if name in fid_names else None,
+                "perturbed": {
+                    p: ex.new_activations(False)
+                    for p in (self.grid.points if self.grid and name in fid_names else [])
+                },
+                "totals": {},
+                "counts": np.zeros((self.layout.num_scales, self.model.codebook_size)),
+                "kept": [],
+            }
+            for name in params
+        }
+        originals: list[np.ndarray] = []
         base = jax.random.PRNGKey(self.seed)
+        num_real = 0.0
         for b, batch in enumerate(batches):
             mask = gather(batch["mask"])
-            feats, sums, code_counts = self._recon(
-                params, ex.params, lpips_params, batch["image"], batch["mask"]
-            )
-            feats = gather(feats)
-            real.add(feats["real"], mask)
-            recon.add(feats["recon"], mask)
-            for k, v in jax.device_get(sums).items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            counts += np.asarray(jax.device_get(code_counts), np.float64)
-            for i, (alpha, delta) in enumerate(perturbed):
-                rng = jax.random.fold_in(jax.random.fold_in(base, i), b)
-                out = self._perturbed(
-                    params, ex.params, batch["image"], rng, jnp.float32(alpha), jnp.int32(delta)
+            picks = None
+            if keep_images and sum(len(x) for x in originals) < keep_images:
+                valid = np.flatnonzero(np.asarray(mask, bool))
+                n = min(keep_per_batch or len(valid), len(valid))
+                picks = valid[np.linspace(0, len(valid) - 1, n).astype(int)]
+                originals.append(np.asarray(gather(batch["image"]))[picks])
+            real_added = False
+            for name, p in params.items():
+                s = state[name]
+                recon, feats, sums, counts = self._recon[picks is not None](
+                    p, inc if name in fid_names else None, lpips_params, batch["image"],
+                    batch["mask"],
                 )
-                perturbed[(alpha, delta)].add(gather(out), mask)
-        n = max(real.count, 1)
-        scalars = {k: v / n for k, v in totals.items()}
-        scalars["rfid"] = fid.stats_frechet_distance(recon.pool, real.pool, self.frechet_method)
-        scalars["codebook_usage"] = float(np.mean(counts > 0))
-        scalars["num_images"] = float(real.count)
-        grid_fids = {
-            point_name(a, d): fid.stats_frechet_distance(acts.pool, real.pool, self.frechet_method)
-            for (a, d), acts in perturbed.items()
-        }
-        if grid_fids:
-            scalars["pfid"] = float(np.mean(list(grid_fids.values())))
-        return scalars, grid_fids
+                if feats is not None:
+                    feats = gather(feats)
+                    if not real_added:  # the inputs' features, once per batch
+                        real.add(feats["real"], mask)
+                        real_added = True
+                    s["recon"].add(feats["recon"], mask)
+                for k, v in jax.device_get(sums).items():
+                    s["totals"][k] = s["totals"].get(k, 0.0) + float(v)
+                s["counts"] += np.asarray(jax.device_get(counts), np.float64)
+                if picks is not None:
+                    s["kept"].append(np.asarray(gather(recon))[picks])
+                for i, (alpha, delta) in enumerate(s["perturbed"]):
+                    rng = jax.random.fold_in(jax.random.fold_in(base, i), b)
+                    out = self._perturbed(
+                        p, inc, batch["image"], rng, jnp.float32(alpha), jnp.int32(delta)
+                    )
+                    s["perturbed"][(alpha, delta)].add(gather(out), mask)
+            num_real += float(mask.sum())
+        results = {}
+        for name, s in state.items():
+            n = max(num_real, 1.0)
+            scalars = {k: v / n for k, v in s["totals"].items()}
+            scalars.update(usage_scalars(s["counts"], self.layout.scales))
+            scalars["num_images"] = float(num_real)
+            grid_fids: dict[str, float] = {}
+            if s["recon"] is not None:
+                scalars["rfid"] = fid.stats_frechet_distance(
+                    s["recon"].pool, real.pool, self.frechet_method
+                )
+                grid_fids = {
+                    point_name(a, d): fid.stats_frechet_distance(
+                        acts.pool, real.pool, self.frechet_method
+                    )
+                    for (a, d), acts in s["perturbed"].items()
+                }
+                if grid_fids:
+                    scalars["pfid"] = float(np.mean(list(grid_fids.values())))
+            kept = np.concatenate(s["kept"])[:keep_images] if s["kept"] else None
+            results[name] = Evaluation(scalars, grid_fids, kept)
+        if originals:
+            results["originals"] = Evaluation({}, {}, np.concatenate(originals)[:keep_images])
+        return results
 
 
 def evaluator_from_config(
-    config: Any, model: Tokenizer, mesh: Any, rules: Any, lpips: Any = None
+    config: Any, model: nn.Module, mesh: Any, rules: Any, lpips: Any = None
 ) -> TokenizerEvaluator:
-    """The evaluator ``config.fid_eval`` / ``config.pfid`` describe (loads the Inception weights,
-    so a missing weights package fails here, before any training)."""
+    """The rFID/pFID evaluator ``config.fid_eval`` / ``config.pfid`` describe (loads the Inception
+    weights, so a missing weights package fails here, before any training)."""
     fe = config.fid_eval
     extractor = InceptionExtractor(
         mesh, rules, batch_size=fe.batch_size, weights_path=fe.inception_weights
     )
-    grid = grid_from_config(config.pfid, config.model.codebook_size) if fe.pfid else None
+    grid = grid_from_config(config.pfid, model.codebook_size) if fe.pfid else None
     return TokenizerEvaluator(
-        model, extractor, grid=grid, seed=fe.seed, lpips=lpips, frechet_method=fe.frechet_method
+        model, extractor=extractor, grid=grid, seed=fe.seed, lpips=lpips,
+        frechet_method=fe.frechet_method,
     )
 
 
 def evaluate_split(
     evaluator: TokenizerEvaluator, config: Any, params: Any, lpips_params: Any = None
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Runs ``evaluator`` over the first ``fid_eval.num_images`` of the eval split."""
+    """(scalars, grid FIDs) of ``params`` over the first ``fid_eval.num_images`` of the eval
+    split, with the evaluator's batch size."""
     ex = evaluator.extractor
+    assert ex is not None, "evaluate_split computes FIDs: build the evaluator with an extractor"
     data_cfg = split_config(config.data, config.data.eval_split, config.fid_eval.num_images)
     batches = global_eval_batches(data_cfg, ex.batch_size, ex.mesh, ex.rules)
-    return evaluator.run(params, batches, lpips_params)
+    result = evaluator.run({"params": params}, batches, lpips_params)["params"]
+    return result.scalars, result.grid_fids
 
 
 def pfid_plot(grid_fids: Mapping[str, float], grid: PerturbationGrid) -> np.ndarray:
@@ -227,30 +323,27 @@ def pfid_plot(grid_fids: Mapping[str, float], grid: PerturbationGrid) -> np.ndar
 def evaluate_checkpoint(
     config: Any, workdir: str, params_key: str = "ema_params", out_dir: str | None = None
 ) -> dict[str, float]:
-    """rFID/pFID/... of a tokenizer run's latest checkpoint; writes ``metrics.json`` and the pFID
-    plot to ``out_dir`` (default ``<workdir>/eval``) and returns the scalars."""
-
-    import flax.linen as nn
-
+    """rFID/pFID/... of a tokenizer run's latest readable checkpoint; writes ``metrics.json`` and
+    the pFID plot to ``out_dir`` (default ``<workdir>/eval``) and returns the scalars."""
     from tokpost_jax import sharding as shd
     from tokpost_jax.checkpoint import load_params
-    from tokpost_jax.images import save_png
-    from tokpost_jax.models.lpips import LPIPS, load_lpips_params
-    from tokpost_jax.train.tokenizer import build_tokenizer
+    from tokpost_jax.convert.lpips_weights import load_lpips_params
+    from tokpost_jax.models import build
 
     rules = shd.rules_tuple(config.sharding_rules)
     mesh = shd.make_mesh(config.mesh)
     params = load_params(os.path.join(workdir, "checkpoints"), key=params_key)
-    model = build_tokenizer(config)
+    model = build.tokenizer(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        evaluator = evaluator_from_config(config, model, mesh, rules, lpips=LPIPS())
+        evaluator = evaluator_from_config(config, model, mesh, rules, lpips=build.lpips())
         lpips_params = jax.device_put(load_lpips_params(), shd.replicated(mesh))
         scalars, grid_fids = evaluate_split(evaluator, config, params, lpips_params)
     out_dir = out_dir or os.path.join(workdir, "eval")
     result = {**scalars, **grid_fids}
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
         if grid_fids and evaluator.grid is not None:
-            save_png(pfid_plot(grid_fids, evaluator.grid), os.path.join(out_dir, "pfid_grid.png"))
+            images_lib.save_png(
+                pfid_plot(grid_fids, evaluator.grid), os.path.join(out_dir, "pfid_grid.png")
+            )
         files.write_json(os.path.join(out_dir, "metrics.json"), {"params": params_key, **result})
     return result

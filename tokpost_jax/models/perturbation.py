@@ -6,7 +6,9 @@ not code-to-code). This simulates the generator's sampling errors so that the de
 tolerate them. α and δ are annealed to half over training (:func:`perturbation_schedule`).
 
 Everything here is a pure function of an explicit PRNG key, with static shapes: δ enters only as a
-traced integer below a static ``delta_max``, so annealing δ never recompiles the train step.
+traced integer below a static ``delta_max``, so annealing δ never recompiles the train step. A
+:class:`Perturbation` describes one perturbed forward; the tokenizers take it as an argument, so
+training and pFID run the same code.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tokpost_jax.models.quantizer import Quantized
-from tokpost_jax.models.tokenizer import LatentHook
 
 Scalar = Any  # Python number or 0-d (possibly traced) jax.Array
 
@@ -49,134 +51,108 @@ def _is_concrete(x: Scalar) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating))
 
 
-def _selected_samples(batch: int, beta: Scalar, num_groups: int) -> jax.Array:
-    """[B] bool: the first ⌊β·G⌋ samples of each contiguous group of G = B/num_groups samples.
+def samples_per_group(beta: float, group_size: int) -> int:
+    """⌊β·G⌋ in Python float64 arithmetic, as the reference's ``int(B_local * beta)``."""
+    return math.floor(float(beta) * int(group_size))
 
-    The reference perturbs the first ⌊β·B_local⌋ samples of each per-device batch; the loader
-    shuffles, so this is a random subset. ``num_groups`` = number of data-parallel shards reproduces
-    that count exactly (8·⌊β·128⌋ = 96 of 1024, not ⌊β·1024⌋ = 102); 1 selects over the whole batch.
+
+@flax.struct.dataclass
+class Perturbation:
+    """One perturbed forward: which samples, how often and among how many neighbours to swap.
+
+    Training and pFID both pass one of these to the tokenizer (``perturbation=``), so there is one
+    code path. ``alpha``/``delta`` may be traced (annealed without recompiling); the rest is
+    static. ``group_size`` splits the global batch into contiguous groups of that many samples and
+    perturbs the first ⌊β·group_size⌋ of each (the reference perturbs the first ⌊β·B_gpu⌋ of each
+    GPU's batch: 8 GPUs × ⌊0.1·128⌋ = 96 of 1024); 0 means one group, the whole batch. It is a
+    number of samples, never the device count, so a pod and a laptop perturb the same samples.
     """
-    if num_groups < 1 or batch % num_groups:
-        raise ValueError(f"batch {batch} is not divisible into num_groups={num_groups}")
-    group = batch // num_groups
-    if _is_concrete(beta):
-        # Python float64 arithmetic, as the reference's int(B * beta).
-        n = jnp.int32(math.floor(float(beta) * group))
-    else:
-        n = jnp.floor(jnp.asarray(beta, jnp.float32) * group).astype(jnp.int32)
+
+    rng: jax.Array
+    alpha: Any
+    delta: Any
+    beta: float = flax.struct.field(pytree_node=False, default=1.0)
+    delta_max: int = flax.struct.field(pytree_node=False, default=1)
+    group_size: int = flax.struct.field(pytree_node=False, default=0)
+    exclude_clean: bool = flax.struct.field(pytree_node=False, default=False)
+    neighbours: str = flax.struct.field(pytree_node=False, default="feature")
+
+
+def selected_samples(batch: int, beta: float, group_size: int = 0) -> jax.Array:
+    """[B] bool: the first ⌊β·G⌋ samples of each contiguous group of G samples (G = ``group_size``,
+    or the whole batch when 0). The loader shuffles, so this is a random subset."""
+    group = batch if group_size == 0 else int(group_size)
+    if group < 1 or batch % group:
+        raise ValueError(
+            f"perturbation.group_size={group_size}: the batch of {batch} does not split into "
+            "groups of that size"
+        )
+    n = samples_per_group(beta, group)
     return (jnp.arange(batch, dtype=jnp.int32) % group) < n
 
 
-def perturb_indices(
-    rng: jax.Array,
-    features: jax.Array,
-    codebook: jax.Array,
-    *,
-    alpha: Scalar,
-    delta: Scalar,
-    beta: Scalar,
-    delta_max: int,
-    num_groups: int = 1,
-    exclude_clean: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Perturbed token indices [B, L] (int32) and the mask [B, L] (bool) of changed tokens.
+def choose_ranks(p: Perturbation, shape: tuple[int, int]) -> jax.Array:
+    """[B, L] int32 neighbour ranks to take (0 = the clean token) for the samples ``p`` selects.
 
-    Per token: u ~ U(0,1), r = ⌊U'·δ⌋ ~ UniformInt[0, δ); the token takes the code of rank r among
-    its nearest codes if u < α, else rank 0 (its clean code). As in the official code r = 0 is
-    allowed, so a selected token changes with probability α·(1 − 1/δ), not α. Only the samples
-    chosen by :func:`_selected_samples` (⌊β·B⌋ of them) are perturbed. The mask is true exactly
-    where the index differs from the clean one.
-
-    ``alpha``, ``beta`` and ``delta`` may be traced; δ is clipped to [1, delta_max] (a static
-    top-k of delta_max codes is taken, so changing δ never changes shapes). All draws have shape
-    [B, L] from ``rng`` (partitionable threefry), so sharding the batch does not change them.
-    ``features`` are the quantizer's l2-normalised z, ``codebook`` the normalised codebook.
-    ``exclude_clean`` draws r from [1, δ) instead (the paper's reading: a chosen token always
-    changes, rate α; with δ = 1 there is nothing to change to and the token stays clean).
+    Per token: u ~ U(0,1), r = ⌊U'·δ⌋ ~ UniformInt[0, δ); rank r if u < α, else 0. As in the
+    official code r = 0 is allowed, so a selected token changes with probability α·(1 − 1/δ), not
+    α; ``exclude_clean`` draws r from [1, δ) instead (the paper's reading; δ = 1 then leaves the
+    token clean). δ is clipped to [1, delta_max]. All draws have shape [B, L] from ``p.rng``
+    (partitionable threefry), so sharding the batch does not change them.
     """
-    if _is_concrete(delta) and not 1 <= int(delta) <= delta_max:
-        raise ValueError(f"delta={delta} must be in [1, delta_max={delta_max}]")
-    batch, length = features.shape[:2]
-    ranks = nearest_code_ranks(features, codebook, delta_max)  # [B, L, delta_max]
-
-    key_u, key_r = jax.random.split(rng)
+    if _is_concrete(p.delta) and not 1 <= int(p.delta) <= p.delta_max:
+        raise ValueError(f"delta={p.delta} must be in [1, delta_max={p.delta_max}]")
+    batch, length = shape
+    key_u, key_r = jax.random.split(p.rng)
     u = jax.random.uniform(key_u, (batch, length), jnp.float32)
-    delta_f = jnp.clip(jnp.asarray(delta, jnp.float32), 1.0, float(delta_max))
-    low = 1.0 if exclude_clean else 0.0
+    delta_f = jnp.clip(jnp.asarray(p.delta, jnp.float32), 1.0, float(p.delta_max))
+    low = 1.0 if p.exclude_clean else 0.0
     r = low + jnp.floor(jax.random.uniform(key_r, (batch, length), jnp.float32) * (delta_f - low))
     # U·δ can round up to δ in float32 when U is within one ulp of 1.
     r = jnp.minimum(r, delta_f - 1.0).astype(jnp.int32)
+    selected = selected_samples(batch, p.beta, p.group_size)[:, None]
+    perturb = (u < jnp.asarray(p.alpha, jnp.float32)) & selected
+    return jnp.where(perturb, r, 0)
 
-    selected = _selected_samples(batch, beta, num_groups)[:, None]
-    perturb = (u < jnp.asarray(alpha, jnp.float32)) & selected
-    rank = jnp.where(perturb, r, 0)
+
+def perturb_from_ranks(p: Perturbation, ranks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Perturbed indices [B, L] and the mask of changed tokens, from each token's nearest-code
+    ranks [B, L, delta_max] (rank 0 = its clean code). Shared by every tokenizer family: the ViT
+    quantizer ranks by cosine to z, CODA by its assignment logits."""
+    rank = choose_ranks(p, ranks.shape[:2])
     indices = jnp.take_along_axis(ranks, rank[..., None], axis=-1)[..., 0]
     return indices, rank > 0
 
 
-def perturb_codes(
-    rng: jax.Array,
-    q: Quantized,
-    codebook: jax.Array,
-    *,
-    alpha: Scalar,
-    delta: Scalar,
-    beta: Scalar,
-    delta_max: int,
-    num_groups: int = 1,
-    exclude_clean: bool = False,
-    neighbours: str = "feature",
-) -> jax.Array:
+def perturb_indices(
+    p: Perturbation, features: jax.Array, codebook: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Perturbed token indices [B, L] (int32) and the mask [B, L] of changed tokens, for unit
+    ``features`` [B, L, d] against a unit ``codebook`` (neighbours by cosine)."""
+    return perturb_from_ranks(p, nearest_code_ranks(features, codebook, p.delta_max))
+
+
+def perturb_codes(p: Perturbation, q: Quantized, codebook: jax.Array) -> jax.Array:
     """Decoder input codes [B, L, d]: perturbed codes with a straight-through gradient to z.
 
     Replaced tokens are ``z + sg(e_idx − z)`` (z = ``q.features``), the same estimator as the clean
     path, so the encoder receives exactly the gradient it would with clean tokens; untouched tokens
-    are ``q.quantized`` itself (bitwise). See :func:`perturb_indices` for the sampling.
+    are ``q.quantized`` itself (bitwise).
 
-    ``neighbours``: "feature" ranks codes by distance to the continuous feature z (official code);
-    "code" by distance to the token's assigned code (the paper's Eq. 4, and the only choice for a
-    third-party tokenizer whose features are unavailable).
+    ``p.neighbours``: "feature" ranks codes by distance to the continuous feature z (official
+    code); "code" by distance to the token's assigned code (the paper's Eq. 4, and the only choice
+    for a third-party tokenizer whose features are unavailable).
     """
-    if neighbours == "feature":
+    if p.neighbours == "feature":
         query = q.features
-    elif neighbours == "code":
+    elif p.neighbours == "code":
         query = jnp.take(codebook, q.indices, axis=0)
     else:
-        raise ValueError(f"neighbours must be 'feature' or 'code', got {neighbours!r}")
-    indices, replaced = perturb_indices(
-        rng, query, codebook,
-        alpha=alpha, delta=delta, beta=beta, delta_max=delta_max, num_groups=num_groups,
-        exclude_clean=exclude_clean,
-    )
+        raise ValueError(f"neighbours must be 'feature' or 'code', got {p.neighbours!r}")
+    indices, replaced = perturb_indices(p, query, codebook)
     codes = jnp.take(codebook, indices, axis=0).astype(q.features.dtype)
     perturbed = q.features + jax.lax.stop_gradient(codes - q.features)
     return jnp.where(replaced[..., None], perturbed, q.quantized)
-
-
-def make_latent_hook(
-    rng: jax.Array,
-    *,
-    alpha: Scalar,
-    delta: Scalar,
-    beta: Scalar,
-    delta_max: int,
-    num_groups: int = 1,
-    exclude_clean: bool = False,
-    neighbours: str = "feature",
-) -> LatentHook:
-    """A ``Tokenizer.__call__(..., latent_hook=...)`` hook applying :func:`perturb_codes`.
-
-    It runs after the VQ/commit losses are computed, so those stay clean (robustok.md §4).
-    """
-
-    def hook(q: Quantized, codebook: jax.Array) -> jax.Array:
-        return perturb_codes(
-            rng, q, codebook,
-            alpha=alpha, delta=delta, beta=beta, delta_max=delta_max, num_groups=num_groups,
-            exclude_clean=exclude_clean, neighbours=neighbours,
-        )
-
-    return hook
 
 
 def perturbation_schedule(

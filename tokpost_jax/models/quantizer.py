@@ -33,8 +33,9 @@ class Quantized:
     quantized: jax.Array  # [..., d] straight-through code vectors (forward = unit codes)
     indices: jax.Array  # [...] int32 code ids
     features: jax.Array  # [..., d] l2-normalised encoder features z
-    codebook_loss: jax.Array  # mean((ẑ − sg(z))²)
-    commit_loss: jax.Array  # commit_weight · mean((sg(ẑ) − z)²)
+    # Named quantizer losses, weighted by the stage's ``loss.quantizer_weights``: "codebook" is
+    # mean((ẑ − sg(z))²), "commit" commit_weight · mean((sg(ẑ) − z)²).
+    losses: dict[str, jax.Array]
 
 
 def nearest_codes(features: jax.Array, codebook: jax.Array) -> jax.Array:
@@ -76,7 +77,9 @@ class L2VectorQuantizer(nn.Module):
         codebook_loss = jnp.mean(jnp.square(z_q - jax.lax.stop_gradient(z)))
         commit_loss = self.commit_weight * jnp.mean(jnp.square(jax.lax.stop_gradient(z_q) - z))
         quantized = z + jax.lax.stop_gradient(z_q - z)
-        return Quantized(quantized, indices, z, codebook_loss, commit_loss)
+        return Quantized(
+            quantized, indices, z, {"codebook": codebook_loss, "commit": commit_loss}
+        )
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Unit code vectors for given indices (the decode path)."""

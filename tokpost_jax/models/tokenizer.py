@@ -8,13 +8,13 @@ positions are read out and linearly mapped to pixel patches.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokpost_jax.models.layout import TokenLayout
+from tokpost_jax.models.perturbation import Perturbation, perturb_codes
 from tokpost_jax.models.quantizer import L2VectorQuantizer, Quantized
 from tokpost_jax.models.vit import (
     DENSE_INIT,
@@ -25,10 +25,6 @@ from tokpost_jax.models.vit import (
     patchify,
     unpatchify,
 )
-
-# Maps the clean quantization (and the normalised codebook) to the decoder's input codes; the
-# latent perturbation of RobusTok main training is such a hook.
-LatentHook = Callable[[Quantized, jax.Array], jax.Array]
 
 
 def _square_grid(num_tokens: int) -> tuple[int, int]:
@@ -153,6 +149,11 @@ class Tokenizer(nn.Module):
 
     Attributes mirror ``config.model`` (see ``configs/tokenizer.py``); ``encoder`` and ``decoder``
     are dicts of ViT sizes (width, depth, num_heads, mlp_dim, drop_path, layerscale_init).
+
+    The tokenizer interface every later stage uses (pretokenize, generator, pairs, post-training,
+    rFID/pFID, gFID): ``layout`` and ``codebook_size``; ``encode``, ``decode``, ``reconstruct``
+    and ``perturbed_reconstruct`` (apply them with ``method=``); ``__call__`` is the training
+    forward. The ViT tokenizer's layout is one square scale.
     """
 
     image_size: int
@@ -187,6 +188,10 @@ class Tokenizer(nn.Module):
         self.vit_decoder = ViTDecoder(**common, **self.decoder)
 
     @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout.single(self.num_latent_tokens)
+
+    @property
     def latent_grid(self) -> tuple[int, int]:
         return _square_grid(self.num_latent_tokens)
 
@@ -211,6 +216,16 @@ class Tokenizer(nn.Module):
         """Token indices [B, L] → images [B, H, W, 3], clamped to [-1, 1]."""
         return jnp.clip(self.decode_codes(self.quantizer.lookup(indices), True), -1.0, 1.0)
 
+    def reconstruct(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(clamped reconstruction, token indices [B, L]) in one deterministic pass."""
+        recon, q = self(images, deterministic=True)
+        return jnp.clip(recon, -1.0, 1.0), q.indices
+
+    def perturbed_reconstruct(self, images: jax.Array, perturbation: Perturbation) -> jax.Array:
+        """The clamped decode of perturbed tokens (pFID): the training forward's own path."""
+        recon, _ = self(images, deterministic=True, perturbation=perturbation)
+        return jnp.clip(recon, -1.0, 1.0)
+
     def codebook(self) -> jax.Array:
         """The l2-normalised codebook [K, d]."""
         return self.quantizer.normalized_codebook()
@@ -219,14 +234,16 @@ class Tokenizer(nn.Module):
         self,
         images: jax.Array,
         deterministic: bool = True,
-        latent_hook: LatentHook | None = None,
+        perturbation: Perturbation | None = None,
     ) -> tuple[jax.Array, Quantized]:
         """Training forward: reconstruction (unclamped) and the quantizer outputs.
 
-        ``latent_hook`` sees the clean quantization after its losses are fixed and returns the codes
-        the decoder gets, so a perturbation never changes the VQ/commit losses.
+        ``perturbation`` swaps tokens after the quantizer's losses are fixed, so it never changes
+        the VQ/commit losses (robustok.md §4).
         """
         q = self.quantizer(self.encode_features(images, deterministic))
-        codes = q.quantized if latent_hook is None else latent_hook(q, self.codebook())
+        codes = q.quantized
+        if perturbation is not None:
+            codes = perturb_codes(perturbation, q, self.codebook())
         self.sow("intermediates", "decoder_codes", codes)  # the semantic loss's student
         return self.decode_codes(codes, deterministic), q

@@ -17,28 +17,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from tokpost_jax.models import build
 from tokpost_jax.models import generator as gen
 from tokpost_jax.train import mfu as mfu_lib
 from tokpost_jax.train import optim
 from tokpost_jax.train.loop import EvalResult, Stage
 from tokpost_jax.train.state import TrainState, step_rng, stream
-
-
-def build_generator(config: ml_collections.ConfigDict) -> gen.RAR:
-    """The RAR module ``config.model`` describes."""
-    m = config.model
-    return gen.RAR(
-        codebook_size=m.codebook_size,
-        num_tokens=m.num_tokens,
-        num_classes=m.num_classes,
-        width=m.size.width,
-        depth=m.size.depth,
-        num_heads=m.size.num_heads,
-        mlp_dim=m.size.mlp_dim,
-        dropout=m.size.dropout,
-        attn_dropout=m.size.attn_dropout,
-        dtype=jnp.dtype(config.dtype),
-    )
 
 
 class GeneratorStage(Stage):
@@ -48,7 +32,7 @@ class GeneratorStage(Stage):
         self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
     ):
         super().__init__(config, total_steps, mesh)
-        self.model = build_generator(config)
+        self.model = build.generator(config)
         self.schedule = optim.lr_schedule(config.optim, total_steps)
         self.tx = optim.adamw(config.optim, self.schedule)
         self.null_id = gen.null_class_id(config.model.num_classes)
@@ -56,7 +40,7 @@ class GeneratorStage(Stage):
         self._evaluator = None
 
     def init(self, rng: jax.Array) -> TrainState:
-        n = self.config.model.num_tokens
+        n = self.model.num_tokens
         params = self.model.init(
             {"params": rng},
             jnp.zeros((1, n), jnp.int32),
@@ -112,12 +96,13 @@ class GeneratorStage(Stage):
             "accuracy": accuracy,
             "lr": self.schedule(state.step),
             "grad_norm": optim.global_norm(grads),
+            "param_norm": optim.global_norm(params),
             "random_order_prob": r,
         }
         return new_state, metrics
 
     def throughput_scalars(self, images_per_second: float) -> dict[str, float]:
-        tokens = images_per_second * self.config.model.num_tokens
+        tokens = images_per_second * self.model.num_tokens
         out = {"tokens_per_sec": tokens}
         achieved = mfu_lib.mfu(tokens * self.flops_per_token)
         if achieved is not None:

@@ -7,9 +7,8 @@ decoder and ``post_quant_conv``) learn to reconstruct the real image, with the m
 losses and no perturbation. Everything upstream of the tokens stays bit-for-bit unchanged, so a
 generator trained on the old tokens stays valid.
 
-Freezing is an ``optax.multi_transform`` (frozen leaves get ``set_to_zero`` and no optimizer
-state) plus an explicit select of the old values for frozen leaves in the update and the EMA,
-so even ``-0.0 + 0.0`` cannot flip a bit.
+Freezing is by pattern (:mod:`tokpost_jax.train.partition`, ``post.trainable``): frozen leaves get
+no optimizer state, a zero update, and their old values back in the update and the EMA.
 """
 
 from __future__ import annotations
@@ -19,31 +18,13 @@ from typing import Any
 
 import jax
 import ml_collections
-import optax
 from absl import logging
 
 from tokpost_jax import checkpoint as ckpt_lib
 from tokpost_jax.train import optim
+from tokpost_jax.train.partition import Partition
 from tokpost_jax.train.state import TrainState
 from tokpost_jax.train.tokenizer import TokenizerStage
-
-TRAIN, FREEZE = "train", "freeze"
-
-
-def trainable_labels(params: Any, trainable: tuple[str, ...]) -> Any:
-    """"train" for every leaf under a top-level module named in ``trainable``, else "freeze"."""
-    unknown = set(trainable) - set(params)
-    if unknown:
-        raise ValueError(
-            f"post.trainable names {sorted(unknown)}, not top-level tokenizer modules "
-            f"({sorted(params)})"
-        )
-    return {k: jax.tree.map(lambda _, k=k: TRAIN if k in trainable else FREEZE, v)
-            for k, v in params.items()}
-
-
-def _select(labels: Any, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda lab, n, o: n if lab == TRAIN else o, labels, new, old)
 
 
 class PostTrainStage(TokenizerStage):
@@ -65,28 +46,21 @@ class PostTrainStage(TokenizerStage):
             raise ValueError("post-training starts from a main-training run: set "
                              "init_from.workdir to the tokenizer's workdir")
         super().__init__(config, total_steps, mesh)
-        self.trainable = tuple(config.post.trainable)
-        inner = self.tx
-        self.tx = optax.multi_transform(
-            {TRAIN: inner, FREEZE: optax.set_to_zero()},
-            lambda params: trainable_labels(params, self.trainable),
-        )
-
-    def labels(self, params: Any) -> Any:
-        return trainable_labels(params, self.trainable)
+        self.partition = Partition(tuple(config.post.trainable), what="post.trainable")
+        self.tx = self.partition.optimizer(self.tx)
 
     def apply_updates(self, params: Any, updates: Any) -> Any:
-        return _select(self.labels(params), optax.apply_updates(params, updates), params)
+        return self.partition.keep_frozen(super().apply_updates(params, updates), params)
 
     def update_ema(self, ema: Any, params: Any) -> Any:
         new = optim.ema_update(ema, params, self.config.optim.ema_decay)
-        return _select(self.labels(params), new, ema)
+        return self.partition.keep_frozen(new, ema)
 
     def warm_start(self, state: TrainState, params: Any) -> TrainState:
         """Main-training weights into params and EMA; the discriminator too when
         ``post.reuse_discriminator`` (paper; the official code re-initialises it)."""
         state = super().warm_start(state, params)
-        if not (self.gan.enabled and self.config.post.reuse_discriminator):
+        if self.gan is None or not self.config.post.reuse_discriminator:
             return state
         src = os.path.join(self.config.init_from.workdir, "checkpoints")
         extra = ckpt_lib.load_params(src, key="extra")
@@ -95,15 +69,5 @@ class PostTrainStage(TokenizerStage):
                 f"{src} has no discriminator state to reuse (was its GAN enabled?); set "
                 "post.reuse_discriminator=False to start the discriminator fresh"
             )
-        disc = dict(state.extra["disc"])
-        for key in ("params", "spectral"):
-            disc[key] = jax.tree.map(
-                lambda new, old: jax.device_put(new, old.sharding).astype(old.dtype),
-                extra["disc"][key], disc[key],
-            )
-        lecam = jax.tree.map(
-            lambda new, old: jax.device_put(new, old.sharding).astype(old.dtype),
-            extra["lecam"], state.extra["lecam"],
-        )
         logging.info("Post-training reuses the discriminator (and LeCAM EMAs) from %s.", src)
-        return state.replace(extra={**state.extra, "disc": disc, "lecam": lecam})
+        return state.replace(extra=self.gan.reuse(state.extra, extra))

@@ -1,9 +1,11 @@
-"""Tokenizer main training (robustok.md §3–6): one stage; each term of the objective is a switch.
+"""ViT VQ tokenizer main training (robustok.md §3–6): one stage; each term of the objective is a
+switch.
 
-Generator side: L2 + LPIPS reconstruction, VQ/commit, an adaptively weighted hinge GAN term, and the
-semantic InfoNCE regulariser; the latent perturbation sits between the quantizer (whose losses stay
-clean) and the decoder. Discriminator side: hinge + LeCAM on DiffAugment-ed real and detached
-reconstructions, with its own optimizer. G step, then D step, inside one jitted function.
+Generator side: L2 + LPIPS reconstruction, the quantizer's named losses, an adaptively weighted
+hinge GAN term (:mod:`tokpost_jax.train.gan`) and the semantic InfoNCE regulariser; the latent
+perturbation sits between the quantizer (whose losses stay clean) and the decoder. The
+discriminator side is the GAN side's own step. G step, then D step, inside one jitted function,
+with one backward pass of the tokenizer.
 """
 
 from __future__ import annotations
@@ -18,75 +20,49 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from tokpost_jax import data as data_lib
 from tokpost_jax import images as images_lib
 from tokpost_jax import losses
 from tokpost_jax import sharding as shd
 from tokpost_jax.convert import timm_vit
+from tokpost_jax.convert.lpips_weights import load_lpips_params
 from tokpost_jax.metrics import reconstruction
 from tokpost_jax.metrics import tokenizer as tokenizer_metrics
-from tokpost_jax.models import discriminator as disc_lib
-from tokpost_jax.models import perturbation
-from tokpost_jax.models.diffaug import diff_augment
-from tokpost_jax.models.lpips import LPIPS, load_lpips_params
-from tokpost_jax.models.quantizer import (
-    code_usage,
-    restart_dead_codes,
-    update_code_usage,
-)
-from tokpost_jax.models.teacher import ViTTeacher
+from tokpost_jax.models import build, perturbation
+from tokpost_jax.models.quantizer import code_usage, restart_dead_codes, update_code_usage
 from tokpost_jax.models.tokenizer import Tokenizer
 from tokpost_jax.models.vit import patchify
 from tokpost_jax.train import optim
+from tokpost_jax.train.gan import GANSide
 from tokpost_jax.train.loop import EvalResult, Stage
 from tokpost_jax.train.state import TrainState, step_rng, stream
 
-
-def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-    """The Tokenizer module described by ``config.model`` at ``config.data.image_size``."""
-    m = config.model
-    if config.data.image_size % m.patch_size:
-        raise ValueError(
-            f"image_size {config.data.image_size} is not a multiple of patch_size {m.patch_size}"
-        )
-    return Tokenizer(
-        image_size=config.data.image_size,
-        patch_size=m.patch_size,
-        num_latent_tokens=m.num_latent_tokens,
-        codebook_size=m.codebook_size,
-        code_dim=m.code_dim,
-        encoder=m.encoder.to_dict(),
-        decoder=m.decoder.to_dict(),
-        commit_weight=m.commit_weight,
-        dtype=jnp.dtype(config.dtype),
-    )
-
-
-def build_discriminator(gan: ml_collections.ConfigDict) -> nn.Module:
-    if gan.discriminator == "dino":
-        return disc_lib.DinoDiscriminator(image_size=gan.dino_image_size)
-    if gan.discriminator == "patch":
-        return disc_lib.PatchDiscriminator(channels=gan.patch_channels, num_layers=gan.patch_layers)
-    raise ValueError(f"gan.discriminator must be 'dino' or 'patch', got {gan.discriminator!r}")
-
-
-def gated(active: jax.Array, on: Any, off: Any) -> Any:
-    """``on(None)`` if ``active`` else ``off(None)``, for the GAN's start step.
-
-    On accelerators this is ``lax.cond``, which skips the discriminator's work before it starts.
-    XLA:CPU runs conditional branches without its usual threading (measured 3.5x slower for the
-    demo step), so there both branches are computed and selected: the same values, computed faster.
-    """
-    if jax.default_backend() != "cpu":
-        return jax.lax.cond(active, on, off, None)
-    return jax.tree.map(lambda a, b: jnp.where(active, a, b), on(None), off(None))
+#: The ViT decoder's output layer: its input is sown, so d/dW is exact from one einsum.
+TO_PIXEL_KERNEL = "vit_decoder/to_pixel/kernel"
 
 
 def to_pixel_kernel_grad(features: jax.Array, image_grad: jax.Array, patch: int) -> jax.Array:
     """d(loss)/d(to_pixel kernel) from the layer input and d(loss)/d(images): featuresᵀ·patches."""
     return jnp.einsum("bnh,bnp->hp", features, patchify(image_grad, patch))
+
+
+def _get_path(tree: Any, path: str) -> Any:
+    node = tree
+    for key in path.split("/"):
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f"gan.adaptive_param={path!r} is not a parameter path ({key!r})")
+        node = node[key]
+    return node
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict) -> float:
+    """Steps per ``schedule_unit`` (1 for "step"; train-split size / batch for "epoch")."""
+    if config.schedule_unit == "epoch":
+        return data_lib.num_examples(config.data, config.data.train_split) / config.batch_size
+    if config.schedule_unit == "step":
+        return 1.0
+    raise ValueError(f"schedule_unit must be 'step' or 'epoch', not {config.schedule_unit!r}")
 
 
 class TokenizerStage(Stage):
@@ -100,28 +76,16 @@ class TokenizerStage(Stage):
         self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
     ):
         super().__init__(config, total_steps, mesh)
-        self.model = build_tokenizer(config)
+        self.model = build.tokenizer(config)
         self.schedule = optim.lr_schedule(config.optim, total_steps)
         self.tx = optim.adamw(config.optim, self.schedule)
-        self.lpips = LPIPS()
-        if config.schedule_unit == "epoch":
-            self.steps_per_epoch = (
-                data_lib.num_examples(config.data, config.data.train_split) / config.batch_size
-            )
-        elif config.schedule_unit == "step":
-            self.steps_per_epoch = 1.0
-        else:
-            raise ValueError(
-                f"schedule_unit must be 'step' or 'epoch', not {config.schedule_unit!r}"
-            )
-        self.gan = config.gan
-        if self.gan.enabled:
-            self.disc = build_discriminator(self.gan)
-            self.disc_start = round(self.gan.start * self.steps_per_epoch)
-            self.disc_schedule = optim.lr_schedule(
-                self.gan.optim, max(total_steps - self.disc_start, 1)
-            )
-            self.disc_tx = optim.adamw(self.gan.optim, self.disc_schedule)
+        self.lpips = build.lpips(config.loss)
+        self.steps_per_epoch = steps_per_epoch(config)
+        self.gan = (
+            GANSide(config.gan, total_steps, self.steps_per_epoch, config.seed)
+            if config.gan.enabled else None
+        )
+        self.quantizer_weights = dict(config.loss.quantizer_weights)
         sem = config.semantic
         self.semantic_weight = config.loss.semantic_weight if sem.teacher_weights else 0.0
         if config.loss.semantic_weight and not sem.teacher_weights:
@@ -132,23 +96,22 @@ class TokenizerStage(Stage):
                 config.loss.semantic_weight,
             )
         if self.semantic_weight:
-            t = sem.teacher
-            self.teacher = ViTTeacher(
-                image_size=config.data.image_size,
-                patch_size=sem.teacher_patch_size,
-                width=t.width,
-                depth=t.depth,
-                num_heads=t.num_heads,
-                mlp_dim=t.mlp_dim,
-                layerscale_init=t.layerscale_init,
-            )
+            self.teacher = build.semantic_teacher(config)
         pert = config.perturbation
-        self.perturb_groups = (
-            shd.batch_split_size(mesh, shd.rules_tuple(config.sharding_rules))
-            if pert.per_device_selection
-            else 1
-        )
-        self._eval_fn = None
+        if pert.enabled:
+            group = pert.group_size or config.batch_size
+            if config.batch_size % group:
+                raise ValueError(
+                    f"perturbation.group_size={pert.group_size} does not divide "
+                    f"batch_size={config.batch_size}"
+                )
+            if perturbation.samples_per_group(pert.beta, group) == 0:
+                raise ValueError(
+                    f"perturbation.beta={pert.beta} selects ⌊β·{group}⌋ = 0 samples per group of "
+                    f"{group} (perturbation.group_size={pert.group_size}): the perturbation would "
+                    "never act; raise beta or group_size, or set perturbation.enabled=False"
+                )
+        self.evaluator = tokenizer_metrics.TokenizerEvaluator(self.model, lpips=self.lpips)
         self.fid_evaluator = None
         if config.fid_eval.every_steps:
             self.fid_evaluator = tokenizer_metrics.evaluator_from_config(
@@ -160,20 +123,8 @@ class TokenizerStage(Stage):
     @functools.cache  # noqa: B019  (one stage per run; the files are read once)
     def frozen_params(self) -> dict:
         frozen: dict[str, Any] = {"lpips": load_lpips_params()}
-        if self.gan.enabled and self.gan.discriminator == "dino":
-            if self.gan.dino_weights:
-                backbone = disc_lib.load_dino_backbone(
-                    self.gan.dino_weights, depth=self.disc.num_blocks
-                )
-                logging.info("Discriminator backbone: DINO weights from %s.", self.gan.dino_weights)
-            else:
-                size = self.gan.dino_image_size
-                variables = self.disc.init(
-                    jax.random.PRNGKey(self.config.seed + 1), jnp.zeros((1, size, size, 3))
-                )
-                backbone = nn.unbox(variables["params"])["backbone"]
-                logging.warning("%s", disc_lib.random_backbone_notice())
-            frozen["disc_backbone"] = backbone
+        if self.gan is not None:
+            frozen.update(self.gan.frozen_params())
         if self.semantic_weight:
             size = self.config.data.image_size
             params = nn.unbox(
@@ -195,20 +146,11 @@ class TokenizerStage(Stage):
         size = self.config.data.image_size
         k_model, k_disc = jax.random.split(rng)
         params = self.model.init({"params": k_model}, jnp.zeros((1, size, size, 3)))["params"]
-        k = self.config.model.codebook_size
-        extra: dict[str, Any] = {"code_usage": jnp.zeros((k,), jnp.float32)}
-        if self.gan.enabled:
-            variables = self.disc.init(k_disc, jnp.zeros((1, size, size, 3)))
-            _, trainable = disc_lib.split_params(variables["params"])
-            extra["disc"] = {
-                "params": trainable,
-                "opt_state": self.disc_tx.init(trainable),
-                "spectral": variables.get("spectral", {}),
-            }
-            extra["lecam"] = {
-                "real": jnp.zeros((), jnp.float32),
-                "fake": jnp.zeros((), jnp.float32),
-            }
+        extra: dict[str, Any] = {
+            "code_usage": jnp.zeros((self.model.codebook_size,), jnp.float32)
+        }
+        if self.gan is not None:
+            extra.update(self.gan.init(k_disc, size))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -245,37 +187,31 @@ class TokenizerStage(Stage):
             end_ratio=p.end_ratio,
         )
 
-    def latent_hook(self, step: jax.Array, rng: jax.Array):
+    def perturbation(self, step: jax.Array, rng: jax.Array) -> perturbation.Perturbation | None:
+        """This step's latent perturbation (its own rng stream), or None when disabled."""
         p = self.config.perturbation
         if not p.enabled:
             return None
         alpha, delta = self.perturbation_values(step)
-        return perturbation.make_latent_hook(
-            stream(rng, "perturbation"),
+        return perturbation.Perturbation(
+            rng=stream(rng, "perturbation"),
             alpha=alpha,
             delta=delta,
             beta=p.beta,
             delta_max=p.delta0,
-            num_groups=self.perturb_groups,
+            group_size=p.group_size,
             exclude_clean=p.exclude_clean,
             neighbours=p.neighbours,
         )
 
-    def _disc_apply(self, disc_params, spectral, images, key, frozen):
-        full = disc_lib.merge_params(
-            {"backbone": frozen["disc_backbone"]} if "disc_backbone" in frozen else {}, disc_params
-        )
-        logits, variables = self.disc.apply(
-            {"params": full, "spectral": spectral},
-            images,
-            train=True,
-            key=key,
-            mutable=["spectral"],
-        )
-        return logits, variables["spectral"]
-
-    def _augment(self, key: jax.Array, images: jax.Array) -> jax.Array:
-        return diff_augment(key, images) if self.gan.diffaug else images
+    def quantizer_loss(self, q_losses: dict[str, jax.Array]) -> jax.Array:
+        """Σ weight·loss over the quantizer's named losses (``loss.quantizer_weights``)."""
+        if set(self.quantizer_weights) != set(q_losses):
+            raise ValueError(
+                f"loss.quantizer_weights names {sorted(self.quantizer_weights)}; the quantizer's "
+                f"losses are {sorted(q_losses)}"
+            )
+        return sum(self.quantizer_weights[name] * value for name, value in q_losses.items())
 
     def train_step(
         self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
@@ -284,14 +220,14 @@ class TokenizerStage(Stage):
         rng = step_rng(rng, state.step)
         images = batch["image"]
         inputs = batch[self.input_key]
-        hook = self.latent_hook(state.step, rng)
+        pert = self.perturbation(state.step, rng)
 
         def forward(params):
             (recon, q), inter = self.model.apply(
                 {"params": params},
                 inputs,
                 deterministic=False,
-                latent_hook=hook,
+                perturbation=pert,
                 rngs={"dropout": stream(rng, "dropout")},
                 mutable=["intermediates"],
             )
@@ -309,12 +245,8 @@ class TokenizerStage(Stage):
                 semantic = losses.info_nce(
                     jnp.mean(codes, axis=1), target, cfg.semantic.logit_scale
                 )
-            vq = q.codebook_loss + q.commit_loss
-            return (recon, lw.vq_weight * vq + self.semantic_weight * semantic), (
-                q,
-                features,
-                semantic,
-            )
+            side = self.quantizer_loss(q.losses) + self.semantic_weight * semantic
+            return (recon, side), (q, features, semantic)
 
         (recon, side_loss), backward, (q, features, semantic) = jax.vjp(
             forward, state.params, has_aux=True
@@ -324,17 +256,32 @@ class TokenizerStage(Stage):
             l2 = jnp.mean(jnp.square(r - images))
             lp = jnp.zeros((), jnp.float32)
             if lw.lpips_weight:
-                lp = jnp.mean(self.lpips.apply({"params": frozen["lpips"]}, r, images))
+                lp = jnp.mean(
+                    self.lpips.apply(
+                        {"params": frozen["lpips"]}, r, images, deterministic=False,
+                        rngs={"dropout": stream(rng, "lpips_dropout")},
+                    )
+                )
             return lw.l2_weight * l2 + lw.lpips_weight * lp, (l2, lp)
 
         (rec, (l2, lp)), grad_rec = jax.value_and_grad(reconstruction_loss, has_aux=True)(recon)
         metrics: dict[str, jax.Array] = {}
         grad_recon, total = grad_rec, rec + side_loss
         extra = dict(state.extra)
-        if self.gan.enabled:
-            grad_recon, total, extra, metrics = self._gan_steps(
-                state, rng, images, recon, features, grad_rec, total, frozen
+        if self.gan is not None:
+            side_zero = jnp.zeros_like(side_loss)
+
+            def reference_grad(image_grad: jax.Array) -> jax.Array:
+                path = self.gan.cfg.adaptive_param
+                if path == TO_PIXEL_KERNEL:
+                    return to_pixel_kernel_grad(features, image_grad, cfg.model.patch_size)
+                (g,) = backward((image_grad, side_zero))  # any parameter: one more backward
+                return _get_path(g, path)
+
+            grad_recon, adv_term, extra, metrics = self.gan.step(
+                state.step, extra, rng, images, recon, grad_rec, reference_grad, frozen
             )
+            total = total + adv_term
 
         (grads,) = backward((grad_recon, jnp.ones_like(side_loss)))
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -347,10 +294,9 @@ class TokenizerStage(Stage):
                 "l2_loss": l2,
                 "lpips_loss": lp,
                 "semantic_loss": semantic,
-                "codebook_loss": q.codebook_loss,
-                "commit_loss": q.commit_loss,
+                **{f"{name}_loss": value for name, value in q.losses.items()},
                 "psnr": jnp.mean(reconstruction.psnr_per_image(jnp.clip(recon, -1, 1), images)),
-                **code_usage(q.indices, cfg.model.codebook_size),
+                **code_usage(q.indices, self.model.codebook_size),
                 "grad_norm": optim.global_norm(grads),
                 "param_norm": optim.global_norm(params),
                 "lr": self.schedule(state.step),
@@ -365,104 +311,6 @@ class TokenizerStage(Stage):
             step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, extra=extra
         )
         return new_state, metrics
-
-    def _gan_steps(self, state, rng, images, recon, features, grad_rec, total, frozen):
-        """Adds the adaptive adversarial term to d(loss)/d(recon), then one D update."""
-        gan, patch = self.gan, self.config.model.patch_size
-        active = state.step >= self.disc_start
-        disc = state.extra["disc"]
-        lecam = state.extra["lecam"]
-
-        def g_term(_):
-            def adversarial(r):
-                logits, spectral = self._disc_apply(
-                    disc["params"],
-                    disc["spectral"],
-                    self._augment(stream(rng, "diffaug_g"), r),
-                    stream(rng, "disc_crop_g"),
-                    frozen,
-                )
-                return losses.hinge_g_loss(logits), spectral
-
-            (adv, spectral), grad_adv = jax.value_and_grad(adversarial, has_aux=True)(recon)
-            if gan.adaptive_weight:
-                lam = losses.adaptive_weight(
-                    to_pixel_kernel_grad(features, grad_rec, patch),
-                    to_pixel_kernel_grad(features, grad_adv, patch),
-                    max_value=gan.adaptive_max,
-                )
-            else:
-                lam = jnp.ones((), jnp.float32)
-            return adv, grad_adv, lam, spectral
-
-        def g_off(_):
-            zero = jnp.zeros((), jnp.float32)
-            return zero, jnp.zeros_like(recon), zero, disc["spectral"]
-
-        adv, grad_adv, lam, spectral = gated(active, g_term, g_off)
-        coefficient = gan.weight * lam
-        fake = jax.lax.stop_gradient(recon)
-
-        def d_update(_):
-            def d_loss(disc_params):
-                real_logits, spec = self._disc_apply(
-                    disc_params,
-                    spectral,
-                    self._augment(stream(rng, "diffaug_real"), images),
-                    stream(rng, "disc_crop_real"),
-                    frozen,
-                )
-                fake_logits, spec = self._disc_apply(
-                    disc_params,
-                    spec,
-                    self._augment(stream(rng, "diffaug_fake"), fake),
-                    stream(rng, "disc_crop_fake"),
-                    frozen,
-                )
-                ema_real, ema_fake = losses.update_lecam_ema(
-                    lecam["real"], lecam["fake"], real_logits, fake_logits, gan.lecam_decay
-                )
-                hinge = losses.hinge_d_loss(real_logits, fake_logits)
-                reg = losses.lecam_loss(real_logits, fake_logits, ema_real, ema_fake)
-                loss = gan.weight * (hinge + gan.lecam_weight * reg)
-                return loss, (
-                    spec,
-                    ema_real,
-                    ema_fake,
-                    hinge,
-                    reg,
-                    jnp.mean(real_logits),
-                    jnp.mean(fake_logits),
-                )
-
-            (_, aux), d_grads = jax.value_and_grad(d_loss, has_aux=True)(disc["params"])
-            spec, ema_real, ema_fake, hinge, reg, real_mean, fake_mean = aux
-            updates, opt_state = self.disc_tx.update(d_grads, disc["opt_state"], disc["params"])
-            new_disc = {
-                "params": optax.apply_updates(disc["params"], updates),
-                "opt_state": opt_state,
-                "spectral": spec,
-            }
-            stats = jnp.stack([hinge, reg, real_mean, fake_mean, optim.global_norm(d_grads)])
-            return new_disc, {"real": ema_real, "fake": ema_fake}, stats
-
-        def d_off(_):
-            return disc, lecam, jnp.zeros((5,), jnp.float32)
-
-        new_disc, new_lecam, stats = gated(active, d_update, d_off)
-        extra = {**state.extra, "disc": new_disc, "lecam": new_lecam}
-        metrics = {
-            "gan_g_loss": adv,
-            "adaptive_weight": lam,
-            "disc_active": active.astype(jnp.float32),
-            "disc_hinge": stats[0],
-            "disc_lecam": stats[1],
-            "logits_real": stats[2],
-            "logits_fake": stats[3],
-            "disc_grad_norm": stats[4],
-            "disc_lr": self.disc_schedule(jnp.maximum(state.step - self.disc_start, 0)),
-        }
-        return grad_rec + coefficient * grad_adv, total + coefficient * adv, extra, metrics
 
     def apply_updates(self, params: Any, updates: Any) -> Any:
         return optax.apply_updates(params, updates)
@@ -489,29 +337,6 @@ class TokenizerStage(Stage):
         return params, {**extra, "code_usage": usage}, jnp.where(due, n, 0).astype(jnp.int32)
 
     # ---- evaluation --------------------------------------------------------------------------
-    def _eval_batch(self, params: Any, batch: dict, lpips_params: Any) -> dict[str, jax.Array]:
-        """Sums over the unmasked images of one eval batch, plus the (clamped) reconstructions."""
-        images = batch["image"]
-        recon, q = self.model.apply({"params": params}, images, deterministic=True)
-        recon = jnp.clip(recon, -1.0, 1.0)
-        mask = batch["mask"].astype(jnp.float32)
-        k = self.config.model.codebook_size
-        counts = jnp.zeros((k,), jnp.float32).at[q.indices].add(mask[:, None])
-        return {
-            "psnr_sum": jnp.sum(reconstruction.psnr_per_image(recon, images) * mask),
-            "mse_sum": jnp.sum(reconstruction.mse_per_image(recon, images) * mask),
-            "lpips_sum": jnp.sum(self.lpips.apply({"params": lpips_params}, recon, images) * mask),
-            "count": jnp.sum(mask),
-            "code_counts": counts,
-            "recon": recon,
-        }
-
-    def _eval_both(self, params: Any, ema_params: Any, batch: dict, lpips: Any) -> dict[str, dict]:
-        return {
-            "val": self._eval_batch(params, batch, lpips),
-            "val_ema": self._eval_batch(ema_params, batch, lpips),
-        }
-
     @property
     def eval_data(self) -> ml_collections.ConfigDict:
         """Real images to evaluate on: ``config.eval_data`` when set (post-training trains on
@@ -519,66 +344,37 @@ class TokenizerStage(Stage):
         return self.config.get("eval_data") or self.config.data
 
     def evaluate(self, state: TrainState, step: int, frozen: Any) -> dict[str, EvalResult]:
-        """Raw and EMA reconstruction quality over the eval split, in one pass over the data."""
+        """Raw and EMA reconstruction quality over the eval split, in one pass over the data;
+        rFID/pFID of the EMA weights when ``fid_eval`` is due."""
         cfg = self.config
         batch_sharding = shd.batch_sharding(self.mesh, shd.rules_tuple(cfg.sharding_rules))
-        if self._eval_fn is None:
-            self._eval_fn = jax.jit(self._eval_both)
         num_eval = self.eval_data.num_eval_examples or data_lib.num_examples(
             self.eval_data, self.eval_data.eval_split
         )
         # The grid samples a few images from every batch so it spans the split (often class-sorted).
         per_batch = -(-cfg.num_grid_images // -(-num_eval // cfg.eval_batch_size))
-        totals: dict[str, dict[str, np.ndarray]] = {"val": {}, "val_ema": {}}
-        shown: list[np.ndarray] = []
-        recons: dict[str, list[np.ndarray]] = {"val": [], "val_ema": []}
-        for local in data_lib.eval_batches(
-            self.eval_data,
-            host_batch_size=cfg.eval_batch_size // jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ):
-            batch = shd.host_to_global(local, batch_sharding)
-            outs = self._eval_fn(state.params, state.ema_params, batch, frozen["lpips"])
-            for name, out in outs.items():
-                for key in ("psnr_sum", "mse_sum", "lpips_sum", "count", "code_counts"):
-                    value = np.asarray(jax.device_get(out[key]), np.float64)
-                    totals[name][key] = totals[name].get(key, 0) + value
-            if sum(len(x) for x in shown) < cfg.num_grid_images:
-                gathered = multihost_utils.process_allgather(
-                    {
-                        "image": batch["image"],
-                        "mask": batch["mask"],
-                        **{name: out["recon"] for name, out in outs.items()},
-                    },
-                    tiled=True,
-                )
-                valid = np.flatnonzero(np.asarray(gathered["mask"], bool))
-                keep = valid[np.linspace(0, len(valid) - 1, min(per_batch, len(valid))).astype(int)]
-                shown.append(np.asarray(gathered["image"])[keep])
-                for name in recons:
-                    recons[name].append(np.asarray(gathered[name])[keep])
-        n = cfg.num_grid_images
-        originals = images_lib.to_uint8(np.concatenate(shown)[:n])
+        batches = (
+            shd.host_to_global(local, batch_sharding)
+            for local in data_lib.eval_batches(
+                self.eval_data,
+                host_batch_size=cfg.eval_batch_size // jax.process_count(),
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+        )
+        runs = self.evaluator.run(
+            {"val": state.params, "val_ema": state.ema_params}, batches, frozen["lpips"],
+            keep_images=cfg.num_grid_images, keep_per_batch=per_batch,
+        )
+        originals = images_lib.to_uint8(runs["originals"].images)
         ncols = int(np.ceil(np.sqrt(max(len(originals), 1))))
         results = {}
-        for name, tot in totals.items():
-            count = max(tot["count"], 1.0)
-            probs = tot["code_counts"] / max(tot["code_counts"].sum(), 1.0)
-            nz = probs[probs > 0]
-            scalars = {
-                "psnr": float(tot["psnr_sum"] / count),
-                "mse": float(tot["mse_sum"] / count),
-                "lpips": float(tot["lpips_sum"] / count),
-                "codebook_usage": float(np.mean(tot["code_counts"] > 0)),
-                "codebook_perplexity": float(np.exp(-np.sum(nz * np.log(nz)))),
-                "num_images": float(tot["count"]),
-            }
-            recon_u8 = images_lib.to_uint8(np.concatenate(recons[name])[:n])
+        for name in ("val", "val_ema"):
+            recon_u8 = images_lib.to_uint8(runs[name].images)
             grid = images_lib.make_grid(
                 images_lib.interleave_rows(originals, recon_u8, ncols), ncols
             )
-            results[name] = EvalResult(scalars, {"reconstructions": grid})
+            results[name] = EvalResult(runs[name].scalars, {"reconstructions": grid})
         every = cfg.fid_eval.every_steps
         if self.fid_evaluator is not None and (step % every == 0 or step == self.total_steps):
             results["fid_ema"] = self.evaluate_fid(state.ema_params, frozen["lpips"])

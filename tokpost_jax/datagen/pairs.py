@@ -1,10 +1,10 @@
 """Paired post-training data: real images and teacher-forced generator samples (robustok.md §9.1).
 
 For each image of a seeded random subset of a split: encode its ADM center crop to ground-truth
-indices g (raster), draw a per-token Bernoulli(σ) mask m, run the RAR sampler with the true label
-and CFG settings while forcing token j to g_j wherever m_j (the forced tokens are the prefix both
-CFG branches see), decode the result and quantize it to uint8 as saved samples are. σ = 1 is plain
-reconstruction (bit-exact), σ = 0 free class-conditional generation.
+indices g (the tokenizer layout's flat order), draw a per-token Bernoulli(σ) mask m, run the RAR
+sampler with the true label and CFG settings while forcing token j to g_j wherever m_j (the forced
+tokens are the prefix both CFG branches see), decode the result and quantize it to uint8 as saved
+samples are. σ = 1 is plain reconstruction (bit-exact), σ = 0 free class-conditional generation.
 
 Records (one per subset image), in shards under ``<out_dir>/train`` whatever the source split,
 because post-training reads the pairs as its train split (``data.name="shards"``,
@@ -14,7 +14,7 @@ because post-training reads the pairs as its train split (``data.name="shards"``
   image          uint8 [S, S, 3]  the real ADM center crop (the target)
   label          int32            its class id, the label the sampler was given
   index          int64            the image's index in the source split (pairing and provenance)
-  teacher_mask   bool  [L]        m: True where the ground-truth token was kept (raster order)
+  teacher_mask   bool  [L]        m: True where the ground-truth token was kept (layout order)
 
 Determinism: the subset is ``numpy.random.default_rng(seed).choice(len(split), num_images,
 replace=False)``, stored in ascending source index (sorted: sequential reads from the source);
@@ -28,11 +28,8 @@ size is pinned in the manifest for that reason.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import hashlib
-import math
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,27 +39,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from tokpost_jax import sharding as shd
 from tokpost_jax.data import pipeline
-from tokpost_jax.data import shards as shards_lib
 from tokpost_jax.data.preprocess import center_crop, to_float
-from tokpost_jax.data.shards import FieldSpec, ShardWriter
+from tokpost_jax.data.shards import FieldSpec
 from tokpost_jax.data.sources import DataError
+from tokpost_jax.datagen.shard_loop import (
+    POSITION,
+    ShardsResult,
+    check_batch_size,
+    params_fingerprint,
+    produce_shards,
+)
+from tokpost_jax.datagen.tokens import device_params
 from tokpost_jax.metrics.features import quantize_uint8
+from tokpost_jax.models import build
 from tokpost_jax.models.generator import RAR
-from tokpost_jax.pretokenize import device_params, params_fingerprint
 from tokpost_jax.sampling import sample
-
-__all__ = [
-    "DEFAULT_RECORDS_PER_SHARD",
-    "OUTPUT_SPLIT",
-    "PairsResult",
-    "choose_subset",
-    "generate_pairs",
-    "teacher_mask",
-]
 
 # ~400 MB per shard at 256x256 (two uint8 images per record): a kill loses at most one shard.
 DEFAULT_RECORDS_PER_SHARD = 1024
@@ -74,14 +68,6 @@ _SAMPLE_STREAM = 1
 
 _SAMPLING_REQUIRED = ("guidance", "power", "temperature")
 _SAMPLING_DEFAULTS = {"top_k": 0, "top_p": 1.0}
-
-
-@dataclasses.dataclass(frozen=True)
-class PairsResult:
-    directory: str  # <out_dir>/train
-    num_records: int
-    num_shards: int
-    computed: tuple[int, ...]  # shards this call computed (empty when everything was on disk)
 
 
 def choose_subset(num_source: int, num_images: int, seed: int) -> np.ndarray:
@@ -148,17 +134,45 @@ def _generator_variables(model: RAR, variables: Any, mesh: Any, rules: Any) -> A
     )
 
 
-class _PairReader:
-    """Host-side real crops and labels of subset records, decoded on a thread pool."""
+class _PairJob:
+    """Records are subset images (real crop + label); the step encodes, samples with teacher
+    forcing and decodes. Crops are decoded on a thread pool."""
 
     def __init__(
-        self, source: Any, chosen: np.ndarray, size: int, num_classes: int, num_threads: int
+        self, tokenizer, tok_params, generator, gen_vars, source, chosen, size, sigma, seed,
+        settings, mesh, rules, num_threads,
     ):
-        self.source = source
-        self.chosen = chosen
-        self.size = size
-        self.num_classes = num_classes
+        self.source, self.chosen, self.size = source, chosen, size
+        self.num_classes = generator.num_classes
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
+        self._tok = device_params(tokenizer, tok_params, size, mesh, rules)
+        self._gen = _generator_variables(generator, gen_vars, mesh, rules)
+
+        def step(tok_params: Any, gen_vars: Any, batch: dict, start: jax.Array) -> dict:
+            variables = {"params": tok_params}
+            truth = tokenizer.apply(variables, batch["pixels"], method="encode").astype(jnp.int32)
+            mask = teacher_mask(seed, batch["index"], sigma, truth.shape[1])
+            rng = jax.random.fold_in(
+                jax.random.fold_in(jax.random.key(seed), _SAMPLE_STREAM), start
+            )
+            tokens = sample(
+                generator, gen_vars, batch["label"], rng, **settings,
+                teacher_tokens=truth, teacher_mask=mask,
+            )
+            images = tokenizer.apply(variables, tokens, method="decode")
+            return {
+                "generated": quantize_uint8(images),
+                "image": batch["image"],
+                "label": batch["label"],
+                "index": batch["index"],
+                POSITION: batch[POSITION],
+                "teacher_mask": mask,
+            }
+
+        self._step = jax.jit(step, out_shardings=shd.batch_sharding(mesh, rules))
+
+    def step(self, batch: dict[str, jax.Array], start: np.int32) -> dict[str, jax.Array]:
+        return self._step(self._tok, self._gen, batch, start)
 
     def _record(self, position: int) -> tuple[np.ndarray, int]:
         index = int(self.chosen[position])
@@ -188,7 +202,7 @@ class _PairReader:
             "image": images,
             "label": labels,
             "index": index,
-            "position": position,
+            POSITION: position,
         }
 
     def close(self) -> None:
@@ -213,7 +227,7 @@ def generate_pairs(
     records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
     metadata: Mapping[str, Any] | None = None,
     num_threads: int = 8,
-) -> PairsResult:
+) -> ShardsResult:
     """Writes `num_images` (generated, real) pairs of ``tokenizer_config.data``'s `split`.
 
     Output goes to ``<out_dir>/train`` regardless of `split` (post-training's train split; the
@@ -224,38 +238,28 @@ def generate_pairs(
     the subset, the sampling settings, the batch size and fingerprints of both parameter trees
     are pinned in the manifest, with `metadata`, so a rerun with other settings is refused.
     """
-    # On use: tokpost_jax.train pulls in clu (and so TensorFlow) and the GAN/LPIPS code.
-    from tokpost_jax.train.tokenizer import build_tokenizer
-
     if not 0.0 <= float(sigma) <= 1.0:
         raise ValueError(f"sigma={sigma} must be in [0, 1] (the fraction of kept GT tokens)")
     if not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     settings = _sampling_settings(sampling)
     rules = shd.rules_tuple(rules)
-    hosts = jax.process_count()
-    split_size = shd.batch_split_size(mesh, rules)
-    if batch_size < 1 or batch_size % hosts or batch_size % split_size:
-        raise ValueError(
-            f"batch_size={batch_size} must be a positive multiple of the number of hosts "
-            f"({hosts}) and of batch shards ({split_size})"
-        )
+    check_batch_size(batch_size, mesh, rules)
     cfg = tokenizer_config
     size = int(cfg.data.image_size)
-    num_tokens, codebook = int(cfg.model.num_latent_tokens), int(cfg.model.codebook_size)
+    tokenizer = build.tokenizer(cfg)
+    num_tokens, codebook = tokenizer.layout.num_tokens, int(tokenizer.codebook_size)
     if generator.num_tokens != num_tokens or generator.codebook_size != codebook:
         raise ValueError(
             f"the generator models {generator.num_tokens} tokens of a {generator.codebook_size}-"
             f"code book, the tokenizer makes {num_tokens} of {codebook}"
         )
-    tokenizer = build_tokenizer(cfg)
     source = pipeline.make_source(cfg.data, split)
     if len(source) >= 2**31:
         raise ValueError(f"{len(source)} source images do not fit int32 indices")
     chosen = choose_subset(len(source), int(num_images), int(seed))
-    directory = os.path.join(os.fspath(out_dir), OUTPUT_SPLIT)
     manifest_meta = {
-        "producer": "tokpost_jax.pairs.generate_pairs (rerun the same call to finish it)",
+        "producer": "tokpost_jax.cli.pairs (rerun the same command to finish it)",
         "dataset": cfg.data.name,
         "source_split": split,
         "source_size": len(source),
@@ -266,7 +270,8 @@ def generate_pairs(
         "sampling": settings,
         "batch_size": int(batch_size),  # the sampler's rng is per global batch
         "image_size": size,
-        "num_latent_tokens": num_tokens,
+        "layout": tokenizer.layout.to_json(),
+        "num_tokens": num_tokens,
         "codebook_size": codebook,
         "tokenizer_dtype": str(jnp.dtype(cfg.dtype)),
         "generator_dtype": str(jnp.dtype(generator.dtype)),
@@ -281,178 +286,18 @@ def generate_pairs(
         "index": FieldSpec(np.dtype(np.int64), ()),
         "teacher_mask": FieldSpec(np.dtype(np.bool_), (num_tokens,)),
     }
-    writer, error = None, None
-    try:
-        writer = ShardWriter(
-            directory,
-            num_records=len(chosen),
-            records_per_shard=records_per_shard,
-            fields=fields,
-            metadata=manifest_meta,
-            process_index=jax.process_index(),
+    logging.info("Pairs at σ=%g from %d of %d images.", sigma, len(chosen), len(source))
+
+    def make_job() -> _PairJob:
+        return _PairJob(
+            tokenizer, tokenizer_params, generator, generator_variables, source, chosen, size,
+            float(sigma), int(seed), settings, mesh, rules, num_threads,
         )
-    except DataError as e:  # raised on every host after the broadcast, so none hangs
-        error = e
-    num_shards = math.ceil(len(chosen) / records_per_shard)
-    todo = shards_lib.missing_everywhere(num_shards, writer, error)
-    assert writer is not None  # missing_everywhere raised otherwise
-    logging.info(
-        "Pairs (σ=%g) from %s/%s (%d of %d images, %d shards) → %s: %d shards to compute.",
-        sigma,
-        cfg.data.name,
-        split,
-        len(chosen),
-        len(source),
-        num_shards,
-        directory,
-        len(todo),
-    )
-    if todo:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            tok_params = device_params(tokenizer, tokenizer_params, size, mesh, rules)
-            gen_vars = _generator_variables(generator, generator_variables, mesh, rules)
-            batch_sharding = shd.batch_sharding(mesh, rules)
-            step = _pair_step(
-                tokenizer, generator, float(sigma), int(seed), settings, batch_sharding
-            )
-            reader = _PairReader(source, chosen, size, generator.num_classes, num_threads)
-            try:
-                _run(
-                    step,
-                    tok_params,
-                    gen_vars,
-                    reader,
-                    writer,
-                    todo,
-                    batch_size,
-                    num_tokens,
-                    batch_sharding,
-                )
-            finally:
-                reader.close()
-    writer.finalize()  # a no-op off process 0
-    return PairsResult(directory, len(chosen), num_shards, tuple(todo))
 
-
-def _pair_step(
-    tokenizer: nn.Module,
-    generator: RAR,
-    sigma: float,
-    seed: int,
-    settings: Mapping[str, Any],
-    batch_sharding: jax.sharding.NamedSharding,
-) -> Any:
-    """The jitted batch function: encode → teacher-forced sample → decode → uint8."""
-
-    def step(
-        tok_params: Any, gen_vars: Any, batch: dict[str, jax.Array], start: jax.Array
-    ) -> dict[str, jax.Array]:
-        variables = {"params": tok_params}
-        truth = tokenizer.apply(variables, batch["pixels"], method="encode").astype(jnp.int32)
-        mask = teacher_mask(seed, batch["index"], sigma, truth.shape[1])
-        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _SAMPLE_STREAM), start)
-        tokens = sample(
-            generator,
-            gen_vars,
-            batch["label"],
-            rng,
-            **settings,
-            teacher_tokens=truth,
-            teacher_mask=mask,
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return produce_shards(
+            os.path.join(os.fspath(out_dir), OUTPUT_SPLIT),
+            num_records=len(chosen), records_per_shard=records_per_shard, fields=fields,
+            metadata=manifest_meta, batch_size=batch_size, mesh=mesh, rules=rules,
+            make_job=make_job, what=f"Pairs {cfg.data.name}/{split}", log_every=10,
         )
-        images = tokenizer.apply(variables, tokens, method="decode")
-        return {
-            "generated": quantize_uint8(images),
-            "image": batch["image"],
-            "label": batch["label"],
-            "index": batch["index"],
-            "position": batch["position"],
-            "teacher_mask": mask,
-        }
-
-    return jax.jit(step, out_shardings=batch_sharding)
-
-
-def _run(
-    step: Any,
-    tok_params: Any,
-    gen_vars: Any,
-    reader: _PairReader,
-    writer: ShardWriter,
-    todo: list[int],
-    batch_size: int,
-    num_tokens: int,
-    batch_sharding: jax.sharding.NamedSharding,
-) -> None:
-    """The device loop: read the next batch while this one runs, gather, fill, write shards."""
-    local = batch_size // jax.process_count()
-    host = jax.process_index()
-    # (shard, global chunk start, global chunk stop); chunks never straddle shards.
-    plan = [
-        (s, c, min(c + batch_size, writer.shard_range(s).stop))
-        for s in todo
-        for c in range(writer.shard_range(s).start, writer.shard_range(s).stop, batch_size)
-    ]
-    prefetch = concurrent.futures.ThreadPoolExecutor(1)
-
-    def read(k: int) -> concurrent.futures.Future:
-        _, c0, c1 = plan[k]
-        lo = min(c0 + host * local, c1)
-        return prefetch.submit(reader.read, lo, min(lo + local, c1), local)
-
-    buffers: dict[int, dict[str, np.ndarray]] = {}
-    filled: dict[int, int] = {}
-    size = reader.size
-
-    def collect(k: int, out: dict[str, jax.Array]) -> None:
-        shard = plan[k][0]
-        rng = writer.shard_range(shard)
-        got = multihost_utils.process_allgather(out, tiled=True)
-        position = np.asarray(got["position"])
-        keep = position >= 0
-        if shard not in buffers:
-            n = len(rng)
-            buffers[shard] = {
-                "generated": np.zeros((n, size, size, 3), np.uint8),
-                "image": np.zeros((n, size, size, 3), np.uint8),
-                "label": np.zeros((n,), np.int32),
-                "index": np.zeros((n,), np.int64),
-                "teacher_mask": np.zeros((n, num_tokens), np.bool_),
-            }
-            filled[shard] = 0
-        rows = position[keep] - rng.start
-        for name, buf in buffers[shard].items():
-            buf[rows] = np.asarray(got[name])[keep]
-        filled[shard] += int(keep.sum())
-        if filled[shard] == len(rng):
-            writer.write_shard(shard, buffers.pop(shard))
-        elif filled[shard] > len(rng):
-            raise RuntimeError(f"shard {shard}: {filled[shard]} records for {len(rng)} rows")
-
-    t0, done = time.time(), 0
-    try:
-        pending: tuple[int, dict[str, jax.Array]] | None = None
-        next_batch = read(0)
-        for k in range(len(plan)):
-            local_batch = next_batch.result()
-            if k + 1 < len(plan):
-                next_batch = read(k + 1)
-            batch = shd.host_to_global(local_batch, batch_sharding)
-            out = step(tok_params, gen_vars, batch, np.int32(plan[k][1]))
-            if pending is not None:  # gather the previous batch while this one samples
-                collect(*pending)
-            pending = (k, out)
-            done += plan[k][2] - plan[k][1]
-            if (k + 1) % 10 == 0:
-                logging.info(
-                    "Pairs: %d/%d batches, %.1f records/s.",
-                    k + 1,
-                    len(plan),
-                    done / max(time.time() - t0, 1e-9),
-                )
-        if pending is not None:
-            collect(*pending)
-    finally:
-        prefetch.shutdown(wait=False, cancel_futures=True)
-    if buffers:
-        raise RuntimeError(f"shards {sorted(buffers)} were not filled completely")

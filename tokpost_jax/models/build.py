@@ -1,0 +1,101 @@
+"""Config → module, for every network the project trains or evaluates (big_vision: the model
+layer owns its construction).
+
+Every stage, evaluator and command builds its networks here, so nothing outside ``train/``
+imports a trainer to get a model. Token counts and codebook sizes are read from the built
+tokenizer (``.layout``, ``.codebook_size``), never copied between configs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from tokpost_jax.models import discriminator as disc_lib
+from tokpost_jax.models.generator import RAR
+from tokpost_jax.models.lpips import LPIPS
+from tokpost_jax.models.teacher import ViTTeacher
+from tokpost_jax.models.tokenizer import Tokenizer
+
+
+def _vit_vq(config: ml_collections.ConfigDict) -> Tokenizer:
+    m = config.model
+    if config.data.image_size % m.patch_size:
+        raise ValueError(
+            f"image_size {config.data.image_size} is not a multiple of patch_size {m.patch_size}"
+        )
+    return Tokenizer(
+        image_size=config.data.image_size,
+        patch_size=m.patch_size,
+        num_latent_tokens=m.num_latent_tokens,
+        codebook_size=m.codebook_size,
+        code_dim=m.code_dim,
+        encoder=m.encoder.to_dict(),
+        decoder=m.decoder.to_dict(),
+        commit_weight=m.commit_weight,
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
+#: ``config.model.kind`` → builder. A tokenizer family adds its builder here; it must provide
+#: the interface of :class:`~tokpost_jax.models.tokenizer.Tokenizer` (``layout``,
+#: ``codebook_size``, ``encode``, ``decode``, ``reconstruct``, ``perturbed_reconstruct``).
+TOKENIZERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"vit_vq": _vit_vq}
+
+
+def tokenizer(config: ml_collections.ConfigDict) -> nn.Module:
+    """The tokenizer ``config.model`` describes at ``config.data.image_size``."""
+    kind = config.model.get("kind", "vit_vq")
+    if kind not in TOKENIZERS:
+        raise ValueError(f"config.model.kind={kind!r} is unknown; known: {sorted(TOKENIZERS)}")
+    return TOKENIZERS[kind](config)
+
+
+def generator(config: ml_collections.ConfigDict) -> RAR:
+    """The RAR module ``config.model`` describes, over the tokens of ``config.tokenizer``."""
+    tok = tokenizer(config.tokenizer)
+    m = config.model
+    return RAR(
+        codebook_size=tok.codebook_size,
+        num_tokens=tok.layout.num_tokens,
+        num_classes=m.num_classes,
+        width=m.size.width,
+        depth=m.size.depth,
+        num_heads=m.size.num_heads,
+        mlp_dim=m.size.mlp_dim,
+        dropout=m.size.dropout,
+        attn_dropout=m.size.attn_dropout,
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
+def discriminator(gan: ml_collections.ConfigDict) -> nn.Module:
+    if gan.discriminator == "dino":
+        return disc_lib.DinoDiscriminator(image_size=gan.dino_image_size)
+    if gan.discriminator == "patch":
+        return disc_lib.PatchDiscriminator(channels=gan.patch_channels, num_layers=gan.patch_layers)
+    raise ValueError(f"gan.discriminator must be 'dino' or 'patch', got {gan.discriminator!r}")
+
+
+def semantic_teacher(config: ml_collections.ConfigDict) -> ViTTeacher:
+    """The frozen DINOv2-style ViT of the semantic regulariser (``config.semantic``)."""
+    sem, t = config.semantic, config.semantic.teacher
+    return ViTTeacher(
+        image_size=config.data.image_size,
+        patch_size=sem.teacher_patch_size,
+        width=t.width,
+        depth=t.depth,
+        num_heads=t.num_heads,
+        mlp_dim=t.mlp_dim,
+        layerscale_init=t.layerscale_init,
+    )
+
+
+def lpips(loss_cfg: Any = None) -> LPIPS:
+    """LPIPS-VGG; ``loss.lpips_dropout`` is the original heads' dropout (training only)."""
+    rate = float(loss_cfg.get("lpips_dropout", 0.0)) if loss_cfg is not None else 0.0
+    return LPIPS(dropout_rate=rate)
