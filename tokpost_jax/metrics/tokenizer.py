@@ -102,7 +102,11 @@ class Evaluation:
 
 
 class TokenizerEvaluator:
-    """PSNR / SSIM / MSE / LPIPS / usage, and with an Inception extractor rFID and pFID."""
+    """PSNR / SSIM / MSE / LPIPS / usage, and with an Inception extractor rFID and pFID.
+
+    A continuous tokenizer (a VAE: ``reconstruct`` returns ``(recon, None)`` and the module has
+    no ``codebook_size``) gets everything but the codebook statistics and pFID.
+    """
 
     def __init__(
         self,
@@ -122,8 +126,13 @@ class TokenizerEvaluator:
         self.seed = seed
         self.lpips = lpips
         self.frechet_method = frechet_method
-        self.layout = model.layout
-        self._scale_of_token = jnp.asarray(self.layout.scale_of_token())
+        self.discrete = getattr(model, "codebook_size", None) is not None
+        if not self.discrete:
+            self.grid = None
+        self.layout = model.layout if self.discrete else None
+        self._scale_of_token = (
+            jnp.asarray(self.layout.scale_of_token()) if self.discrete else None
+        )
         # Reconstructions leave the device only when a grid keeps some (static: two programs).
         self._recon = {
             keep: jax.jit(functools.partial(self._recon_batch, keep=keep)) for keep in (False, True)
@@ -146,9 +155,11 @@ class TokenizerEvaluator:
         if self.lpips is not None and lpips_params is not None:
             lp = self.lpips.apply({"params": lpips_params}, recon, images)
             sums["lpips"] = jnp.sum(lp * m)
-        shape = (self.layout.num_scales, self.model.codebook_size)
-        scale = jnp.broadcast_to(self._scale_of_token, indices.shape)
-        counts = jnp.zeros(shape, jnp.float32).at[scale, indices].add(m[:, None])
+        counts = None
+        if self.discrete:
+            shape = (self.layout.num_scales, self.model.codebook_size)
+            scale = jnp.broadcast_to(self._scale_of_token, indices.shape)
+            counts = jnp.zeros(shape, jnp.float32).at[scale, indices].add(m[:, None])
         feats = None
         if inc is not None:
             feats = {
@@ -201,7 +212,10 @@ class TokenizerEvaluator:
                     for p in (self.grid.points if self.grid and name in fid_names else [])
                 },
                 "totals": {},
-                "counts": np.zeros((self.layout.num_scales, self.model.codebook_size)),
+                "counts": (
+                    np.zeros((self.layout.num_scales, self.model.codebook_size))
+                    if self.discrete else None
+                ),
                 "kept": [],
             }
             for name in params
@@ -232,7 +246,8 @@ class TokenizerEvaluator:
                     s["recon"].add(feats["recon"], mask)
                 for k, v in jax.device_get(sums).items():
                     s["totals"][k] = s["totals"].get(k, 0.0) + float(v)
-                s["counts"] += np.asarray(jax.device_get(counts), np.float64)
+                if counts is not None:
+                    s["counts"] += np.asarray(jax.device_get(counts), np.float64)
                 if picks is not None:
                     s["kept"].append(np.asarray(gather(recon))[picks])
                 for i, (alpha, delta) in enumerate(s["perturbed"]):
@@ -246,7 +261,8 @@ class TokenizerEvaluator:
         for name, s in state.items():
             n = max(num_real, 1.0)
             scalars = {k: v / n for k, v in s["totals"].items()}
-            scalars.update(usage_scalars(s["counts"], self.layout.scales))
+            if self.discrete:
+                scalars.update(usage_scalars(s["counts"], self.layout.scales))
             scalars["num_images"] = float(num_real)
             grid_fids: dict[str, float] = {}
             if s["recon"] is not None:
