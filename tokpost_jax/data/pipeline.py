@@ -10,23 +10,30 @@ final views: they skip the augmentation, and only their uint8 image fields
 
 Everything up to the batch is a grain ``MapDataset``, so batch ``k`` is a pure
 function of (config, seed, host, k): the iterator state is just a batch
-counter, resuming is exact, and the batches do not depend on
-`prefetch_threads` or `worker_count` (each grain worker produces whole
-batches). Batching before `to_iter_dataset` is deliberate: with per-element
-batching after `mp_prefetch` the batch composition would depend on the
-number of workers.
+counter (plus what fixes the stream, so a foreign state is refused), resuming
+is exact, and the batches do not depend on `prefetch_threads` or
+`worker_count` (each grain worker produces whole batches). Batching before
+`to_iter_dataset` is deliberate: with per-element batching after
+`mp_prefetch` the batch composition would depend on the number of workers.
+
+Unreadable images (decoded sources: image folders, tfds): ``data.scan='full'``
+reads every record of this host's share before the first batch and reports
+all bad ones at once; ``data.on_bad_image='skip'`` replaces a bad record by
+the next readable one (deterministic, so resume stays exact). Absent keys
+mean the defaults ('none', 'error').
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from tokpost_jax.data.builtin import (
     BUILTIN_NAMES,
@@ -43,19 +50,31 @@ from tokpost_jax.data.preprocess import (
 )
 from tokpost_jax.data.shards import ShardSource
 from tokpost_jax.data.sources import (
+    BadRecordError,
     DataError,
     FolderSource,
+    SkipBadRecords,
+    TfdsSource,
     folder_class_names,
     open_tfds_source,
+    scan_records,
+    tfds_name_known,
 )
 
 __all__ = [
+    "DATASET_KINDS_TEXT",
+    "FOLDER_NAME",
+    "ON_BAD_IMAGE",
+    "SCAN_MODES",
     "SHARDS_NAME",
     "AddMask",
     "DataError",
     "EvalTransform",
     "FloatFields",
+    "TrainIterator",
     "TrainTransform",
+    "check_data_state",
+    "dataset_kind",
     "eval_batches",
     "make_source",
     "make_train_iterator",
@@ -63,6 +82,17 @@ __all__ = [
 ]
 
 SHARDS_NAME = "shards"
+FOLDER_NAME = "folder"
+SCAN_MODES = ("none", "full")  # config.data.scan
+ON_BAD_IMAGE = ("error", "skip")  # config.data.on_bad_image
+DATASET_KINDS_TEXT = (
+    f"a built-in name ({', '.join(BUILTIN_NAMES)}), {FOLDER_NAME!r}, {SHARDS_NAME!r} or a tfds "
+    "dataset name (registered, or prepared in config.data.data_dir)"
+)
+#: Sources whose records are decoded from stored images (what scan / on_bad_image act on).
+_DECODED_SOURCES = (FolderSource, TfdsSource)
+#: Bad records found by data.scan='full', per (source, indices): eval scans once per process.
+_SCANS: dict[tuple[str, int, int, int], tuple[BadRecordError, ...]] = {}
 _DEFAULT_IMAGE_FIELDS = ("image",)
 
 _SHUFFLE_STREAM = 0
@@ -70,6 +100,22 @@ _AUGMENT_STREAM = 1
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def dataset_kind(name: str, data_dir: str | None = None) -> str:
+    """How :func:`make_source` opens `name`: 'builtin', 'shards', 'folder' or 'tfds'.
+
+    Raises the DataError make_source would raise for a name it cannot open; reads no records
+    (tfds: the builder registry, or the prepared files' metadata in `data_dir`). Why: config
+    checks reject a mistyped name before minutes of model building.
+    """
+    if name in BUILTIN_NAMES:
+        return "builtin"
+    if name in (SHARDS_NAME, FOLDER_NAME):
+        return name
+    tfds_name_known(name, data_dir=data_dir, builtin_names=(*BUILTIN_NAMES, FOLDER_NAME,
+                                                            SHARDS_NAME))
+    return "tfds"
 
 
 def make_source(data_cfg: Any, split: str):
@@ -87,7 +133,7 @@ def make_source(data_cfg: Any, split: str):
                 "for name='shards' (the --out of python -m tokpost_jax.pretokenize)"
             )
         return ShardSource(os.path.join(os.fspath(data_cfg.data_dir), split))
-    if name == "folder":
+    if name == FOLDER_NAME:
         classes = folder_class_names(data_cfg.data_dir, data_cfg.train_split)
         return FolderSource(data_cfg.data_dir, split, classes)
     return open_tfds_source(
@@ -95,7 +141,7 @@ def make_source(data_cfg: Any, split: str):
         split,
         data_dir=data_cfg.data_dir,
         manual_dir=data_cfg.manual_dir,
-        builtin_names=(*BUILTIN_NAMES, "folder", SHARDS_NAME),
+        builtin_names=(*BUILTIN_NAMES, FOLDER_NAME, SHARDS_NAME),
     )
 
 
@@ -125,6 +171,48 @@ def _check_args(data_cfg: Any, host_batch_size: int, process_index: int, process
             "config.data.worker_count and config.data.prefetch_threads must be >= 0, got "
             f"{data_cfg.worker_count} and {data_cfg.prefetch_threads}"
         )
+    for key, allowed, default in (("scan", SCAN_MODES, "none"),
+                                  ("on_bad_image", ON_BAD_IMAGE, "error")):
+        value = data_cfg.get(key, default)
+        if value not in allowed:
+            raise DataError(f"config.data.{key} must be one of {allowed}, got {value!r}")
+
+
+def _scan(source: Any, indices: range, data_cfg: Any) -> tuple[BadRecordError, ...]:
+    """data.scan='full': every record of `indices` read once per process; each failure logged."""
+    key = (repr(source), indices.start, indices.stop, indices.step)
+    if key not in _SCANS:
+        t0 = time.time()
+        logging.info("config.data.scan='full': reading %d records of %r.", len(indices), source)
+        bad = tuple(scan_records(source, indices, threads=os.cpu_count() or 1))
+        for e in bad:
+            logging.error("config.data.scan='full': %s", e)
+        logging.info("Scan done in %.0fs: %d unreadable.", time.time() - t0, len(bad))
+        _SCANS[key] = bad
+    return _SCANS[key]
+
+
+_LISTED = 20  # bad records named in a scan's error message (all are logged)
+
+
+def _guard_bad_records(data_cfg: Any, source: Any, indices: range) -> Any:
+    """`source` after the opt-in scan, wrapped to skip bad records under on_bad_image='skip'."""
+    if not isinstance(source, _DECODED_SOURCES):
+        return source  # arrays already (built-ins, shards): nothing is decoded
+    policy = data_cfg.get("on_bad_image", "error")
+    known_bad: tuple[int, ...] = ()
+    if data_cfg.get("scan", "none") == "full":
+        bad = _scan(source, indices, data_cfg)
+        if bad and policy == "error":
+            named = "; ".join(e.where for e in bad[:_LISTED])
+            more = f" and {len(bad) - _LISTED} more" if len(bad) > _LISTED else ""
+            raise DataError(
+                f"config.data.scan='full' found {len(bad)} unreadable of {len(indices)} records "
+                f"of {source!r}: {named}{more} (each is logged with its reason); remove or "
+                "replace them, or set config.data.on_bad_image='skip'"
+            )
+        known_bad = tuple(e.index for e in bad)
+    return SkipBadRecords(source, known_bad) if policy == "skip" else source
 
 
 def _to_iter(ds: grain.MapDataset, data_cfg: Any) -> grain.IterDataset:
@@ -258,6 +346,100 @@ class EvalTransform(grain.transforms.Map):
         return {"image": img, "label": np.int32(element["label"]), "mask": np.bool_(True)}
 
 
+# --------------------------------------------------------------------------- train iterator
+
+#: What fixes a host's batch stream besides the batch counter, with where it comes from.
+_STREAM_KEYS = {
+    "num_records": "records in this host's share of the train split",
+    "host_batch_size": "config.batch_size / hosts",
+    "seed": "config.seed",
+    "process_index": "this host's index",
+    "process_count": "the number of hosts",
+}
+
+
+def check_data_state(
+    state: Any, stream: Mapping[str, int], *, step: int | None = None
+) -> int:
+    """The batch index to resume at from a restored iterator `state`; a DataError names what
+    does not fit this run's `stream` (see :data:`_STREAM_KEYS`) or checkpoint `step`.
+
+    States from before the stream keys existed (``{"next_index": k}``) are checked for shape and
+    `step` only. The loop draws one batch per step, so a state restored with the checkpoint of
+    step s must be at batch s.
+    """
+    index = state.get("next_index") if isinstance(state, Mapping) else None
+    if not isinstance(index, int | np.integer) or isinstance(index, bool) or index < 0:
+        raise DataError(
+            f"restored data-iterator state {state!r} is not this pipeline's: it needs "
+            "'next_index' (an int >= 0, the batches already drawn)"
+        )
+    unknown = sorted(set(state) - {"next_index", *_STREAM_KEYS})
+    if unknown:
+        raise DataError(
+            f"restored data-iterator state has unknown keys {unknown} (a state of another "
+            "pipeline, or of grain worker processes before tokpost kept its own); start a new "
+            "workdir"
+        )
+    for key, value in stream.items():
+        if key in state and state[key] != value:
+            raise DataError(
+                f"restored data-iterator state has {key}={state[key]!r} but this run has "
+                f"{value!r} ({_STREAM_KEYS[key]}), so it would not replay the same batches; "
+                "resume with the data and config that wrote the checkpoint, or use a new workdir"
+            )
+    if step is not None and int(index) != int(step):
+        raise DataError(
+            f"restored data-iterator state is at batch {int(index)} but its checkpoint is at "
+            f"step {int(step)}; the loop draws one batch per step, so the data state does not "
+            "belong to this checkpoint"
+        )
+    return int(index)
+
+
+class TrainIterator:
+    """This host's infinite train batches, resumable from a JSON state.
+
+    The state is the number of batches drawn plus the stream keys (records, batch size, seed,
+    hosts); :meth:`set_state` validates it (:func:`check_data_state`) and restarts the grain
+    pipeline at that batch, so it does not depend on prefetch threads or worker processes.
+    """
+
+    def __init__(self, batches: grain.MapDataset, data_cfg: Any, stream: Mapping[str, int]):
+        self._batches = batches
+        self._data_cfg = data_cfg
+        self.stream = dict(stream)
+        self._next = 0
+        self._it: Any = None
+
+    def __iter__(self) -> TrainIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:  # started lazily: set_state must not spawn workers twice
+            ds = self._batches[self._next :] if self._next else self._batches
+            self._it = iter(_to_iter(ds, self._data_cfg))
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_index": self._next, **self.stream}
+
+    def set_state(self, state: Mapping[str, Any], step: int | None = None) -> None:
+        """Resume at ``state``; with `step` (the restored checkpoint's), also check it matches."""
+        index = check_data_state(state, self.stream, step=step)
+        self.close()
+        self._next = index
+
+    def close(self) -> None:
+        """Stops prefetch threads / worker processes (a later next() starts them again)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+        self._it = None
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -276,7 +458,7 @@ def make_train_iterator(
     host_batch_size: int,
     process_index: int,
     process_count: int,
-) -> grain.DatasetIterator:
+) -> TrainIterator:
     """Infinite iterator of this host's train batches.
 
     Yields {'image': float32 [host_batch_size, S, S, 3] in [-1, 1],
@@ -285,13 +467,23 @@ def make_train_iterator(
     host's shard is reshuffled deterministically from `seed`; a batch may straddle an epoch
     boundary (no record is dropped). ``it.get_state()`` is JSON-serialisable
     and ``set_state`` on a fresh iterator built with the same arguments
-    resumes bit-exactly.
+    resumes bit-exactly (and refuses a state of another stream).
     """
     _check_args(data_cfg, host_batch_size, process_index, process_count)
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise DataError(f"seed must be a non-negative int, got {seed!r}")
     source = make_source(data_cfg, data_cfg.train_split)
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    records = _guard_bad_records(
+        data_cfg, source, range(process_index, len(source), process_count)
+    )
+    ds = grain.MapDataset.source(records)[process_index::process_count]
+    stream = {
+        "num_records": len(ds),
+        "host_batch_size": int(host_batch_size),
+        "seed": int(seed),
+        "process_index": int(process_index),
+        "process_count": int(process_count),
+    }
     if len(ds) == 0:
         raise DataError(
             f"train split {data_cfg.train_split!r} of {data_cfg.name!r} has {len(source)} "
@@ -301,7 +493,7 @@ def make_train_iterator(
     if isinstance(source, ShardSource):  # final views already: no augmentation
         fields = _shard_image_fields(data_cfg, source)
         ds = ds.batch(host_batch_size, drop_remainder=True).map(FloatFields(fields))
-        return iter(_to_iter(ds, data_cfg))
+        return TrainIterator(ds, data_cfg, stream)
     transform = TrainTransform(
         data_cfg.image_size,
         data_cfg.min_crop_frac,
@@ -320,7 +512,7 @@ def make_train_iterator(
         .batch(host_batch_size, drop_remainder=True)
         .map(_float_batch)
     )
-    return iter(_to_iter(ds, data_cfg))
+    return TrainIterator(ds, data_cfg, stream)
 
 
 def eval_batches(
@@ -349,6 +541,9 @@ def eval_batches(
             )
         ds = ds[:limit]
     total = len(ds)
+    ds = grain.MapDataset.source(
+        _guard_bad_records(data_cfg, source, range(process_index, total, process_count))
+    )[:total]
     num_batches = math.ceil(math.ceil(total / process_count) / host_batch_size)
     share = ds[process_index::process_count]
     if isinstance(source, ShardSource):

@@ -9,22 +9,29 @@ lazily because importing it pulls in TensorFlow (seconds, and per worker).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from absl import logging
+from PIL import Image
 
 from tokpost_jax.data.preprocess import to_rgb_uint8
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_CONSECUTIVE_BAD",
+    "BadRecordError",
     "DataError",
     "FolderSource",
+    "SkipBadRecords",
     "TfdsSource",
     "folder_class_names",
     "open_tfds_source",
+    "scan_records",
+    "tfds_name_known",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -38,7 +45,45 @@ class DataError(Exception):
     """
 
 
+class BadRecordError(DataError):
+    """One record cannot be read (an undecodable image file). Why separate: it is the only data
+    error that ``config.data.on_bad_image='skip'`` may step over; `where` names the record."""
+
+    def __init__(self, message: str, index: int, where: str):
+        super().__init__(message)
+        self.index, self.where = index, where
+
+    def __reduce__(self) -> tuple:
+        # grain ships a worker process's exception to the main process by pickling it.
+        return type(self), (str(self), self.index, self.where)
+
+
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 # --------------------------------------------------------------------------- folder
+
+
+def _unreachable(path: str) -> str | None:
+    """Why `path` cannot be followed (symlink loop, dangling link), or None if it can."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if os.path.islink(path):
+            return f"is a symlink to a missing target ({os.readlink(path)!r})"
+        return None
+    return None
+
+
+def _check_dir(path: str, missing: str) -> None:
+    why = _unreachable(path)
+    if why is not None:
+        raise DataError(f"{path!r} {why}; fix or remove it")
+    if not os.path.isdir(path):
+        raise DataError(missing)
 
 
 def _split_dir(root: str | os.PathLike, split: str) -> str:
@@ -47,15 +92,42 @@ def _split_dir(root: str | os.PathLike, split: str) -> str:
             "config.data.data_dir must be set to the image-folder root for name='folder'"
         )
     root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise DataError(f"image-folder root {root!r} does not exist; set config.data.data_dir")
+    _check_dir(root, f"image-folder root {root!r} does not exist; set config.data.data_dir")
     split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir):
-        raise DataError(
-            f"split directory {split_dir!r} does not exist; expected "
-            f"<data_dir>/<split>/<class_name>/<image files>"
-        )
+    _check_dir(
+        split_dir,
+        f"split directory {split_dir!r} does not exist; expected "
+        f"<data_dir>/<split>/<class_name>/<image files>",
+    )
     return split_dir
+
+
+def _entries(directory: str, want: str) -> list[str]:
+    """Sorted names of the sub-directories (``want='dir'``) or files of `directory`.
+
+    Hidden names (``.DS_Store``, macOS ``._img.jpg`` resource forks, ``.ipynb_checkpoints``) are
+    left out: they are never images of the dataset. A symlink loop is an error naming it.
+    """
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)  # first error: stable
+    except OSError as e:
+        raise DataError(f"cannot list {directory!r} ({_one_line(e)})") from e
+    names = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            keep = entry.is_dir() if want == "dir" else entry.is_file()
+        except OSError as e:
+            why = "is a symlink loop" if e.errno == errno.ELOOP else f"cannot be read ({e})"
+            raise DataError(f"{entry.path!r} {why}; fix or remove it") from e
+        if not keep and entry.is_symlink() and want == "file":
+            why = _unreachable(entry.path)
+            if why is not None and entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                raise DataError(f"{entry.path!r} {why}; fix or remove it")
+        if keep:
+            names.append(entry.name)
+    return sorted(names)
 
 
 def folder_class_names(root: str | os.PathLike, split: str) -> list[str]:
@@ -65,7 +137,7 @@ def folder_class_names(root: str | os.PathLike, split: str) -> list[str]:
     reuses it for eval so label ids agree even if eval lacks some classes.
     """
     split_dir = _split_dir(root, split)
-    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    names = _entries(split_dir, "dir")
     if not names:
         raise DataError(f"split directory {split_dir!r} has no class sub-directories")
     return names
@@ -77,13 +149,14 @@ class FolderSource:
     Files are sorted per class and classes alphabetically, so the record order
     is a pure function of the directory contents. Paths are kept in a numpy
     bytes array (compact to pickle to workers even for 1.28M ImageNet files).
+    Hidden files and directories (names starting with '.') are not records.
     """
 
     def __init__(
         self, root: str | os.PathLike, split: str, class_names: Sequence[str] | None = None
     ):
         split_dir = _split_dir(root, split)
-        present = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+        present = _entries(split_dir, "dir")
         if class_names is None:
             class_names = present
         class_names = list(class_names)
@@ -99,11 +172,10 @@ class FolderSource:
             class_dir = os.path.join(split_dir, name)
             if not os.path.isdir(class_dir):
                 continue
-            files = sorted(
-                e.name
-                for e in os.scandir(class_dir)
-                if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
-            )
+            files = [
+                f for f in _entries(class_dir, "file")
+                if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+            ]
             rel_paths.extend(os.path.join(name, f).encode("utf-8") for f in files)
             labels.extend([label] * len(files))
         if not rel_paths:
@@ -128,9 +200,15 @@ class FolderSource:
             with Image.open(path) as pil:
                 pil.load()
                 image = to_rgb_uint8(pil)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise DataError(
-                f"cannot decode image file {path!r} ({type(e).__name__}: {e}); remove or replace it"
+        # Anything decoding a user's file raises (PIL's DecompressionBombError is no OSError;
+        # corrupt files surface as OSError, SyntaxError, EOFError, struct.error, ...) means
+        # this file is bad; the message names it.
+        except Exception as e:
+            raise BadRecordError(
+                f"cannot decode image file {path!r} ({_one_line(e)}); remove or replace it, "
+                "or set config.data.on_bad_image='skip'",
+                index,
+                path,
             ) from e
         return {"image": image, "label": int(self._labels[index])}
 
@@ -158,21 +236,63 @@ class TfdsSource:
     def __len__(self) -> int:
         return len(self._ds)
 
-    @staticmethod
-    def _normalise(record: dict[str, Any]) -> dict[str, Any]:
-        return {"image": to_rgb_uint8(np.asarray(record["image"])), "label": int(record["label"])}
+    def _normalise(self, record: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            image = to_rgb_uint8(np.asarray(record["image"]))
+        except ValueError as e:
+            where = f"record {index} of tfds {self.name!r} split {self.split!r}"
+            raise BadRecordError(
+                f"{where} is not an image ({_one_line(e)}); fix the dataset or set "
+                "config.data.on_bad_image='skip'",
+                index,
+                where,
+            ) from e
+        return {"image": image, "label": int(record["label"])}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self._normalise(self._ds[index])
+        return self._normalise(self._ds[index], index)
 
     def _getitems(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """grain's batched-read hook (SupportsBatchedReadRandomAccessDataSource)."""
         getitems = getattr(self._ds, "__getitems__", None)
         records = getitems(list(indices)) if getitems else [self._ds[i] for i in indices]
-        return [self._normalise(r) for r in records]
+        return [self._normalise(r, i) for r, i in zip(records, indices, strict=True)]
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
+
+
+def _tfds_builder(tfds: Any, name: str, data_dir: str | None, builtin_names: Sequence[str]):
+    """tfds's builder for `name`: registered code, or files prepared in `data_dir`."""
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(
+            f"unknown dataset name {name!r}: it is neither a built-in name "
+            f"({', '.join(builtin_names) or 'none'}) nor a registered tfds dataset; "
+            "fix config.data.name"
+        ) from e
+
+
+def tfds_name_known(name: str, *, data_dir: str | None, builtin_names: Sequence[str] = ()) -> None:
+    """Raises the DataError :func:`open_tfds_source` would for an unknown `name`, without
+    preparing or reading the dataset (for config checks before anything is built)."""
+    import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only on use
+    from tensorflow_datasets.core import naming
+
+    try:
+        parsed, _ = naming.parse_builder_name_kwargs(name)
+    except ValueError as e:
+        raise DataError(f"{name!r} is not a tfds dataset name ({_one_line(e)}); "
+                        "fix config.data.name") from e
+    if parsed.namespace:  # community datasets are resolved only when opened
+        return
+    try:
+        tfds.builder_cls(parsed.name)
+        return
+    except tfds.core.registered.DatasetNotFoundError:
+        pass
+    _tfds_builder(tfds, name, data_dir, builtin_names)  # prepared files without builder code
 
 
 def open_tfds_source(
@@ -192,14 +312,7 @@ def open_tfds_source(
     """
     import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only on use
 
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise DataError(
-            f"unknown dataset name {name!r}: it is neither a built-in name "
-            f"({', '.join(builtin_names) or 'none'}) nor a registered tfds dataset; "
-            "fix config.data.name"
-        ) from e
+    builder = _tfds_builder(tfds, name, data_dir, builtin_names)
 
     if not builder.is_prepared():
         if manual_dir is None:
@@ -246,3 +359,64 @@ def open_tfds_source(
             "file_format='array_record'"
         ) from e
     return TfdsSource(data_source, name, split)
+
+
+# --------------------------------------------------------------------------- bad records
+
+#: Consecutive unreadable records after which skipping gives up: that many in a row means the
+#: dataset (or its disk) is broken, not a few stray files.
+MAX_CONSECUTIVE_BAD = 1000
+
+
+class SkipBadRecords:
+    """Reads `source`, replacing an unreadable record by the next readable one (``i+1``, ...).
+
+    Why this rule: the substitute is a pure function of the index and of which files are bad,
+    so batches (and a resumed run) do not depend on when a bad file was first seen. Each bad
+    record is logged once per process; `known_bad` (e.g. from a scan) is skipped unread.
+    """
+
+    def __init__(self, source: Any, known_bad: Sequence[int] = ()):
+        self._source = source
+        self._bad = set(int(i) for i in known_bad)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self._source)
+        for offset in range(min(n, MAX_CONSECUTIVE_BAD)):
+            i = (int(index) + offset) % n
+            if i in self._bad:
+                continue
+            try:
+                return self._source[i]
+            except BadRecordError as e:
+                self._bad.add(i)
+                logging.warning("on_bad_image='skip': %s", e)
+        raise DataError(
+            f"{min(n, MAX_CONSECUTIVE_BAD)} consecutive records from index {index} of "
+            f"{self._source!r} are unreadable; the dataset looks broken (check the files)"
+        )
+
+    def __repr__(self) -> str:
+        return f"SkipBadRecords({self._source!r})"
+
+
+def scan_records(source: Any, indices: Sequence[int], threads: int) -> list[BadRecordError]:
+    """Reads every record in `indices` of `source` (decoding it) and returns the failures.
+
+    Why threads: PIL decodes with the GIL released, so a scan of a large image folder runs
+    on every core. Errors other than BadRecordError (a missing package, ...) propagate.
+    """
+    import concurrent.futures
+
+    def read(i: int) -> BadRecordError | None:
+        try:
+            source[int(i)]
+        except BadRecordError as e:
+            return e
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        return [e for e in pool.map(read, indices) if e is not None]
