@@ -75,7 +75,7 @@ def test_every_official_code_deviation_is_a_named_field():
     cfg = load_config_file("configs/robustok_imagenet.py")
     assert cfg.perturbation.exclude_clean is False
     assert cfg.perturbation.neighbours == "feature"
-    assert cfg.perturbation.per_device_selection is True
+    assert cfg.perturbation.group_size == 128  # per-GPU batch of the official 8-GPU run
     assert cfg.semantic.student_perturbed is True
     assert cfg.optim.clip_grad_norm == 0.0
     assert cfg.gan.optim.lr == pytest.approx(8e-4)
@@ -83,7 +83,7 @@ def test_every_official_code_deviation_is_a_named_field():
     spec = importlib.util.spec_from_file_location("p", "configs/robustok_imagenet.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for field in ("exclude_clean", "neighbours", "per_device_selection", "student_perturbed",
+    for field in ("exclude_clean", "neighbours", "group_size", "student_perturbed",
                   "clip_grad_norm", "gan.optim.lr"):
         assert field in module.__doc__
 
