@@ -369,6 +369,8 @@ def test_bad_input_is_refused_with_a_clear_message():
         jax.eval_shape(model.clone(entropy_groups=3).apply, variables, f)
     with pytest.raises(ValueError, match=r"delta_max=33 must be in \[0, 32\]"):
         jax.eval_shape(lambda v, x: model.apply(v, x, 33), variables, f)
+    with pytest.raises(TypeError, match="delta_max must be a static Python int"):
+        jax.eval_shape(model.apply, variables, f, 3)  # traced: eval_shape abstracts it
     with pytest.raises(ValueError, match=r"CODAQuantizer\.norm='batch'"):
         jax.eval_shape(model.clone(norm="batch").init, jax.random.key(0), f)
     with pytest.raises(ValueError, match="no side may exceed the last"):

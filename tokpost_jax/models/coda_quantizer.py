@@ -280,6 +280,11 @@ class CODAQuantizer(nn.Module):
             raise ValueError(
                 f"CODAQuantizer.entropy_groups={self.entropy_groups} does not divide batch {batch}"
             )
+        if not isinstance(delta_max, int) or isinstance(delta_max, bool):
+            raise TypeError(
+                f"CODAQuantizer: delta_max must be a static Python int (got {type(delta_max)}); "
+                "close over it or mark it static under jit"
+            )
         if not 0 <= delta_max <= self.codebook_size:
             raise ValueError(f"delta_max={delta_max} must be in [0, {self.codebook_size}]")
         f = f.astype(jnp.float32)
