@@ -160,8 +160,10 @@ class CODAQuantizer(nn.Module):
     The official code computes it per GPU (16 tokens per GPU at 1×1 for MAR); set
     ``entropy_groups`` to the official GPU count for parity with it.
     ``straight_through="one_hot"`` is the official V-sized one-hot form (same values and
-    gradients, more memory); ``remat`` recomputes each scale's V-sized tensors in the backward
-    pass instead of keeping them (FLUX: 3.2 GB per tensor at 12 images of 32²).
+    gradients; XLA may fuse its one-hot away, the lean form never builds it); ``remat``
+    recomputes each scale's V-sized tensors in the backward pass instead of keeping them (FLUX:
+    3.2 GB per tensor at 12 images of 32²). The finest scale's own working set (about six
+    logits-sized buffers) stays the floor; XLA:CPU reports the same temp size either way.
     ``assignment="nearest"`` is plain residual VQ on E (VQ-VAE loss weighted by ``nearest_beta``).
     """
 
