@@ -64,6 +64,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             num_eval_examples=config_dict.placeholder(int),
             worker_count=0,
             prefetch_threads=2,
+            scan="none",  # "full": open and check every image file before training starts
+            on_bad_image="error",  # "skip": log the file once, use the next good record
         )
     )
     c.batch_size = 64  # global

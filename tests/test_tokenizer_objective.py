@@ -82,7 +82,7 @@ def test_perturbation_changes_decoder_input_but_not_vq_losses(stage_and_batches)
     params = nn.unbox(stage.init(jax.random.PRNGKey(0)).params)
     images = batches[0]["image"]
     # The stage's own perturbation at β = 0.25 selects ⌊0.25·8⌋ = 2 of 8 images.
-    pert = stage.perturbation(jnp.asarray(0), jax.random.PRNGKey(3))
+    pert = stage.perturb.at(jnp.asarray(0), jax.random.PRNGKey(3))
     recon_c, q_clean = stage.model.apply({"params": params}, images)
     recon_h, _ = stage.model.apply({"params": params}, images, perturbation=pert)
     np.testing.assert_array_equal(np.asarray(recon_h)[2:], np.asarray(recon_c)[2:])

@@ -459,13 +459,13 @@ def optim_rules(prefix: str) -> tuple[Rule, ...]:
     )
 
 
-def vit_rules(prefix: str) -> tuple[Rule, ...]:
+def vit_rules(prefix: str, **kw: Any) -> tuple[Rule, ...]:
     return (
-        integer(f"{prefix}.width", lo=1),
-        integer(f"{prefix}.depth", lo=1),
-        integer(f"{prefix}.num_heads", lo=1),
-        integer(f"{prefix}.mlp_dim", lo=1),
-        multiple_of(f"{prefix}.width", f"{prefix}.num_heads"),
+        integer(f"{prefix}.width", lo=1, **kw),
+        integer(f"{prefix}.depth", lo=1, **kw),
+        integer(f"{prefix}.num_heads", lo=1, **kw),
+        integer(f"{prefix}.mlp_dim", lo=1, **kw),
+        multiple_of(f"{prefix}.width", f"{prefix}.num_heads", **kw),
     )
 
 
@@ -556,19 +556,50 @@ def _enabled(block: str) -> str:
     return f"{block}.enabled"
 
 
-#: The tokenizer's own fields (tokpost_jax.train.tokenizer and the models it builds).
+def _enabled_in(env: Env, block: str) -> bool:
+    return bool(env.get(f"{block}.enabled"))
+
+
+def _kind(kind: str) -> Callable[[Env], bool]:
+    return lambda env: env.get("model.kind", "vit_vq") == kind
+
+
+def _square_sides(v: Any, env: Env) -> bool:
+    ok = isinstance(v, Sequence) and len(v) > 0 and all(_is_int(s) and s >= 1 for s in v)
+    return ok and list(v) == sorted(v)
+
+
+#: The tokenizer families' own fields (models/build.py), by ``model.kind``.
 TOKENIZER_MODEL_RULES: tuple[Any, ...] = (
-    integer("model.patch_size", lo=1),
-    multiple_of("data.image_size", "model.patch_size"),
-    integer("model.num_latent_tokens", lo=1),
+    one_of("model.kind", ("vit_vq", "coda")),
     integer("model.codebook_size", lo=1),
-    integer("model.code_dim", lo=1),
-    number("model.commit_weight", lo=0),
-    *vit_rules("model.encoder"),
-    *vit_rules("model.decoder"),
+    # ViT VQ (models/tokenizer.py)
+    integer("model.patch_size", lo=1, when=_kind("vit_vq")),
+    multiple_of("data.image_size", "model.patch_size", when=_kind("vit_vq")),
+    integer("model.num_latent_tokens", lo=1, when=_kind("vit_vq")),
+    integer("model.code_dim", lo=1, when=_kind("vit_vq")),
+    number("model.commit_weight", lo=0, when=_kind("vit_vq")),
+    *vit_rules("model.encoder", when=_kind("vit_vq")),
+    *vit_rules("model.decoder", when=_kind("vit_vq")),
+    # CODA (models/coda.py): the VAE preset, the pyramid and the quantizer.
+    equals("model.vae.resolution", "data.image_size", when=_kind("coda")),
+    integer("model.vae.lora_rank", lo=0, when=_kind("coda")),
+    Rule("model.scales", _square_sides,
+         "must be ascending positive square-grid sides, the last one the latent side",
+         when=_kind("coda")),
+    integer("model.quantizer.attn_dim", lo=1, when=_kind("coda")),
+    one_of("model.quantizer.norm", ("rms", "layer", "none"), when=_kind("coda")),
+    one_of("model.quantizer.assignment", ("attention", "nearest"), when=_kind("coda")),
+    number("model.quantizer.beta", lo=0, when=_kind("coda")),
+    number("model.quantizer.entropy_temperature", above=0, when=_kind("coda")),
+    integer("model.quantizer.entropy_groups", lo=1, when=_kind("coda")),
+    one_of("model.eval_posterior", ("mean", "sample"), when=_kind("coda")),
+    number("model.latent_scale", lo=0, when=_kind("coda")),
+    integer("model.latent_stats_images", lo=1, when=_kind("coda")),
 )
 
-TOKENIZER_RULES: tuple[Any, ...] = (
+#: What every tokenizer stage shares (tokpost_jax.train.reconstruction).
+RECONSTRUCTION_RULES: tuple[Any, ...] = (
     *COMMON_RULES,
     *TOKENIZER_MODEL_RULES,
     one_of("schedule_unit", ("step", "epoch")),
@@ -583,8 +614,12 @@ TOKENIZER_RULES: tuple[Any, ...] = (
     number("perturbation.anneal_end", lo="perturbation.anneal_start",
            when=_enabled("perturbation")),
     number("perturbation.end_ratio", lo=0, hi=1, when=_enabled("perturbation")),
-    one_of("perturbation.neighbours", ("feature", "code"), when=_enabled("perturbation")),
+    one_of("perturbation.neighbours", ("feature", "code"),
+           when=lambda env: _enabled_in(env, "perturbation") and _kind("vit_vq")(env)),
+    one_of("perturbation.neighbours", ("feature", "value", "key"),
+           when=lambda env: _enabled_in(env, "perturbation") and _kind("coda")(env)),
     integer("perturbation.group_size", lo=0, when=_enabled("perturbation")),
+    integer("perturbation.min_side", lo=1, when=_enabled("perturbation")),
     boolean("gan.enabled"),
     one_of("gan.discriminator", ("dino", "patch"), when=_enabled("gan")),
     number("gan.start", lo=0, when=_enabled("gan")),
@@ -597,13 +632,32 @@ TOKENIZER_RULES: tuple[Any, ...] = (
     integer("gan.dino_image_size", lo=1, when=_enabled("gan")),
     integer("gan.patch_channels", lo=1, when=_enabled("gan")),
     integer("gan.patch_layers", lo=1, when=_enabled("gan")),
+    one_of("gan.ramp", ("none", "linear"), when=_enabled("gan")),
+    text("gan.adaptive_param", when=_enabled("gan")),
     Within("gan", optim_rules("optim"), when=_enabled("gan")),
+    *_fid_eval_rules(),
+)
+
+#: ViT VQ main training (tokpost_jax.train.tokenizer).
+TOKENIZER_RULES: tuple[Any, ...] = (
+    *RECONSTRUCTION_RULES,
     integer("semantic.teacher_patch_size", lo=1, when="loss.semantic_weight"),
     number("semantic.logit_scale", above=0, when="loss.semantic_weight"),
     integer("dead_code_restart.every_steps", lo=0),
     number("dead_code_restart.usage_decay", lo=0, below=1, when="dead_code_restart.every_steps"),
     number("dead_code_restart.min_usage", lo=0, when="dead_code_restart.every_steps"),
-    *_fid_eval_rules(),
+)
+
+#: CODA (tokpost_jax.train.coda): LoRA + quantizer on a frozen VAE.
+CODA_RULES: tuple[Any, ...] = (
+    *RECONSTRUCTION_RULES,
+    one_of("model.kind", ("coda",)),
+    one_of("optim.decay_mask", ("all", "default")),
+    one_of("optim.ema_schedule", ("constant", "coda")),
+    number("optim.ema_start", lo=0),
+    Rule("optim.trainable", lambda v, env: isinstance(v, Sequence) and not isinstance(v, str)
+         and len(v) > 0 and all(isinstance(x, str) for x in v),
+         "must be a non-empty sequence of parameter-path globs (e.g. \"quantizer/*\")"),
 )
 
 #: Decoder post-training (tokpost_jax.train.post_train): the tokenizer's rules on the pairs.
@@ -629,10 +683,6 @@ POST_TRAIN_RULES: tuple[Any, ...] = (
 #: RAR generator training (tokpost_jax.train.generator) and its gFID evaluation.
 GENERATOR_RULES: tuple[Any, ...] = (
     *COMMON_RULES,
-    integer("model.codebook_size", lo=1),
-    equals("model.codebook_size", "tokenizer.model.codebook_size"),
-    integer("model.num_tokens", lo=1),
-    equals("model.num_tokens", "tokenizer.model.num_latent_tokens"),
     integer("model.num_classes", lo=1),
     *vit_rules("model.size"),
     number("model.size.dropout", lo=0, below=1),
@@ -660,6 +710,7 @@ TRAINER_RULES: dict[str, tuple[Any, ...]] = {
     "tokenizer": TOKENIZER_RULES,
     "generator": GENERATOR_RULES,
     "post_train": POST_TRAIN_RULES,
+    "coda": CODA_RULES,
 }
 
 

@@ -43,6 +43,8 @@ DEFAULT_SHARDING_RULES: tuple[tuple[str, Any], ...] = (
     ("adaln", None),
     ("act_heads", None),
     ("act_vocab", None),
+    # CODA quantizer (models/coda_quantizer.py): the q/k projection width.
+    ("attn", None),
 )
 
 # RAR generator sizes (robustok.md §8): width, depth, heads, MLP width. B/L are RAR-B (~261M) and

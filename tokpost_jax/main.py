@@ -20,15 +20,19 @@ TRAINERS = {
     "tokenizer": "tokpost_jax.train.tokenizer:TokenizerStage",
     "generator": "tokpost_jax.train.generator:GeneratorStage",
     "post_train": "tokpost_jax.train.post_train:PostTrainStage",
+    "vae": "tokpost_jax.train.vae:VAEStage",
+    "coda": "tokpost_jax.train.coda:CODAStage",
 }
-CONFIG_FILES = ("tokenizer", "robustok_imagenet", "rar", "post_train")
+CONFIG_FILES = (
+    "tokenizer", "robustok_imagenet", "rar", "post_train", "klvae", "coda", "coda_imagenet"
+)
 
 
 def stage_class(trainer: str) -> type:
     if trainer not in TRAINERS:
         from tokpost_jax.config_checks import ConfigValueError
 
-        raise ConfigValueError("trainer", trainer, f"one of {sorted(TRAINERS)}")
+        raise ConfigValueError("trainer", trainer, f"must be one of {sorted(TRAINERS)}")
     module, cls = TRAINERS[trainer].split(":")
     return getattr(importlib.import_module(module), cls)
 

@@ -66,6 +66,9 @@ def evaluate_generator(
 
 
 def main(fl: dict[str, Any]) -> None:
+    from tokpost_jax import config_checks
+
+    config_checks.check_config(fl["config"].value, for_evaluation=True)
     out = fl["out"].value or os.path.join(fl["workdir"].value, "gfid")
     result = evaluate_generator(
         fl["config"].value, fl["workdir"].value, fl["params"].value, out, fl["baseline"].value

@@ -29,8 +29,10 @@ def define_flags() -> dict[str, Any]:
 
 
 def main(fl: dict[str, Any]) -> None:
+    from tokpost_jax import config_checks
     from tokpost_jax.metrics.tokenizer import evaluate_checkpoint
 
+    config_checks.check_config(fl["config"].value, for_evaluation=True)
     result = evaluate_checkpoint(
         fl["config"].value, fl["workdir"].value, fl["params"].value, fl["out"].value
     )

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from tokpost_jax.models import discriminator as disc_lib
+from tokpost_jax.models.coda import CODATokenizer
 from tokpost_jax.models.generator import RAR
+from tokpost_jax.models.klvae import KLVAE, build_klvae
 from tokpost_jax.models.lpips import LPIPS
 from tokpost_jax.models.teacher import ViTTeacher
 from tokpost_jax.models.tokenizer import Tokenizer
@@ -41,10 +43,40 @@ def _vit_vq(config: ml_collections.ConfigDict) -> Tokenizer:
     )
 
 
+def _coda(config: ml_collections.ConfigDict) -> CODATokenizer:
+    m = config.model
+    vae = {k: tuple(v) if isinstance(v, list) else v for k, v in m.vae.to_dict().items()}
+    if vae["resolution"] != config.data.image_size:
+        raise ValueError(
+            f"model.vae.resolution={vae['resolution']} must equal data.image_size="
+            f"{config.data.image_size} (the VAE places its attention by resolution)"
+        )
+    q = m.quantizer
+    return CODATokenizer(
+        vae_config=vae,
+        codebook_size=m.codebook_size,
+        scales=tuple(m.scales),
+        attn_dim=q.attn_dim,
+        norm=q.norm,
+        beta=q.beta,
+        entropy_temperature=q.entropy_temperature,
+        entropy_groups=q.entropy_groups,
+        assignment=q.assignment,
+        nearest_beta=q.nearest_beta,
+        remat=q.remat,
+        eval_posterior=m.eval_posterior,
+        perturb_min_side=config.perturbation.get("min_side", 1),
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
 #: ``config.model.kind`` → builder. A tokenizer family adds its builder here; it must provide
 #: the interface of :class:`~tokpost_jax.models.tokenizer.Tokenizer` (``layout``,
 #: ``codebook_size``, ``encode``, ``decode``, ``reconstruct``, ``perturbed_reconstruct``).
-TOKENIZERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {"vit_vq": _vit_vq}
+TOKENIZERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "vit_vq": _vit_vq,
+    "coda": _coda,
+}
 
 
 def tokenizer(config: ml_collections.ConfigDict) -> nn.Module:
@@ -53,6 +85,18 @@ def tokenizer(config: ml_collections.ConfigDict) -> nn.Module:
     if kind not in TOKENIZERS:
         raise ValueError(f"config.model.kind={kind!r} is unknown; known: {sorted(TOKENIZERS)}")
     return TOKENIZERS[kind](config)
+
+
+def vae(config: ml_collections.ConfigDict) -> KLVAE:
+    """The KL-VAE ``config.model`` describes (a ``config_lib.klvae`` preset; ``kind`` names the
+    family) in ``config.dtype``, for the VAE stage (``train/vae.py``)."""
+    fields = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
+    if fields.get("resolution") != config.data.image_size:
+        raise ValueError(
+            f"model.resolution={fields.get('resolution')} must equal data.image_size="
+            f"{config.data.image_size} (the VAE places its attention by resolution)"
+        )
+    return build_klvae(fields, dtype=jnp.dtype(config.dtype))
 
 
 def generator(config: ml_collections.ConfigDict) -> RAR:

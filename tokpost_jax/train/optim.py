@@ -77,6 +77,29 @@ def adamw(
     return optax.chain(*parts)
 
 
+def decay_everything(params: Any) -> Any:
+    """A weight-decay mask that decays every leaf (CODA decays codebook, gains and biases too)."""
+    return jax.tree.map(
+        lambda x: not isinstance(_leaf_value(x), optax.MaskedNode), params,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata | optax.MaskedNode),
+    )
+
+
+def ema_decay(optim_cfg: ml_collections.ConfigDict, step: jax.Array, start_step: int) -> jax.Array:
+    """The EMA decay after update ``step``: ``optim.ema_decay`` (a constant), or with
+    ``optim.ema_schedule="coda"`` CODA's min(ema_decay, (⌊s/2⌋+1)/(⌊s/2⌋+10)), and a plain copy
+    (decay 0) before ``start_step``."""
+    schedule = optim_cfg.get("ema_schedule", "constant")
+    if schedule == "constant":
+        decay = jnp.asarray(optim_cfg.ema_decay, jnp.float32)
+    elif schedule == "coda":
+        half = (step // 2).astype(jnp.float32)
+        decay = jnp.minimum(float(optim_cfg.ema_decay), (half + 1.0) / (half + 10.0))
+    else:
+        raise ValueError(f"optim.ema_schedule must be 'constant' or 'coda', got {schedule!r}")
+    return jnp.where(step < start_step, 0.0, decay)
+
+
 def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
     """ema ← decay·ema + (1 − decay)·params, leafwise in the params' dtype."""
     return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)

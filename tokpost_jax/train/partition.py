@@ -20,6 +20,8 @@ import jax
 import optax
 from flax import traverse_util
 
+from tokpost_jax.config_checks import ConfigError
+
 TRAIN, FREEZE = "train", "freeze"
 
 
@@ -34,6 +36,17 @@ def path_name(path: Sequence[Any]) -> str:
 def leaf_paths(params: Any) -> list[str]:
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)[0]
     return [path_name(p) for p, _ in leaves]
+
+
+def param_at(tree: Any, path: str, what: str = "parameter path") -> Any:
+    """The leaf (or subtree) at a "/"-joined ``path``; a wrong path names the missing key."""
+    node = tree
+    for key in path.split("/"):
+        if not isinstance(node, dict) or key not in node:
+            keys = sorted(node) if isinstance(node, dict) else type(node).__name__
+            raise ConfigError(f"{what}={path!r}: no {key!r} there (has {keys})")
+        node = node[key]
+    return node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +69,7 @@ class Partition:
         unmatched = [p for p in self.trainable if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
             tops = sorted({n.split("/", 1)[0] for n in names})
-            raise ValueError(
+            raise ConfigError(
                 f"{self.what} patterns {unmatched} match no parameter (top-level modules: {tops}; "
                 "patterns are globs over '/'-joined paths, e.g. 'vit_decoder/*')"
             )
@@ -65,7 +78,7 @@ class Partition:
             if self.is_trainable(n) and any(fnmatch.fnmatchcase(n, p) for p in self.must_freeze)
         ]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.what} would train {len(bad)} parameters that must stay frozen "
                 f"(matching {list(self.must_freeze)}), e.g. {bad[:4]}"
             )
