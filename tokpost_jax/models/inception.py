@@ -309,8 +309,9 @@ class InceptionV3(nn.Module):
     """The FID Inception: images in [0, 255] (uint8 or float, NHWC, any size) -> features.
 
     Returns ``{"pool": (B, 2048), "spatial": (B, 2023)}`` plus ``"logits": (B, 1008)`` when
-    ``with_logits`` (needs the ``fc`` params of pytorch-fid's checkpoint). ``spatial`` is ADM's sFID
-    tap: ``mixed_6/conv`` output, first 7 channels, flattened in (H, W, C) order.
+    ``with_logits`` (needs the ``fc`` kernel of pytorch-fid's checkpoint). ``spatial`` is ADM's sFID
+    tap: ``mixed_6/conv`` output, first 7 channels, flattened in (H, W, C) order. ``logits`` are
+    ADM's IS logits, ``pool · W`` with no bias (see :class:`_Logits`).
     """
 
     with_logits: bool = False
@@ -346,14 +347,18 @@ class InceptionV3(nn.Module):
         pool = jnp.mean(x, axis=(1, 2))  # 8x8 average pool == global mean at 299 input
         out = {"pool": pool, "spatial": spatial}
         if self.with_logits:
-            # Standard dense layer with bias (pytorch-fid's fc). Note ADM's IS code multiplies by
-            # the MatMul weight only (no bias); softmax(x W) != softmax(x W + b) in general.
-            out["logits"] = _Dense(NUM_LOGITS, p, name="fc")(pool)
+            out["logits"] = _Logits(NUM_LOGITS, p, name="fc")(pool)
         return out
 
 
-class _Dense(nn.Module):
-    """fc 2048 -> 1008 (``kernel`` is torch ``fc.weight`` transposed)."""
+class _Logits(nn.Module):
+    """IS logits ``pool · W`` (2048 -> 1008), with no bias on purpose.
+
+    ADM's evaluator takes the weight of the TF graph's ``softmax/logits/MatMul`` and computes
+    ``softmax(pool_3 · W)``, skipping the graph's bias add; ``softmax(x W + b) != softmax(x W)``,
+    so adding pytorch-fid's ``fc.bias`` would give Inception Scores no ADM table reports.
+    ``kernel`` is torch ``fc.weight`` transposed.
+    """
 
     features: int
     precision: Any = _HIGHEST
@@ -361,8 +366,7 @@ class _Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        return jnp.dot(x, kernel, precision=self.precision) + bias
+        return jnp.dot(x, kernel, precision=self.precision)
 
 
 def _unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
