@@ -143,7 +143,8 @@ def test_frechet_eps_fallback_path(monkeypatch):
     val = frechet_distance(np.zeros(3), s, np.zeros(3), s)
     assert len(calls) == 2
     np.testing.assert_allclose(calls[1], (s + 1e-6 * np.eye(3)) @ (s + 1e-6 * np.eye(3)))
-    assert np.isfinite(val) and abs(val) < 1e-5
+    # ADM's value here is -2 d eps = -6e-6 (offset on both sides); round-off, so reported as 0.
+    assert val == 0.0
 
 
 def test_frechet_rejects_significant_imaginary(monkeypatch):
@@ -215,3 +216,111 @@ def test_inception_score_one_hot_even_is_num_classes():
     # Very confident logits behave like the one-hot probabilities.
     mean_l, _ = inception_score(probs * 50.0, splits=10)
     np.testing.assert_allclose(mean_l, c, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- refusing bad statistics
+
+
+def _stats(n: int = 50, d: int = 6, seed: int = 11) -> tuple[np.ndarray, np.ndarray]:
+    x = _gauss(n, d, seed)
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+@pytest.mark.parametrize("where", ["mu1", "sigma1", "mu2", "sigma2"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_frechet_refuses_non_finite_inputs(method, where, bad):
+    mu, s = _stats()
+    args = {"mu1": mu.copy(), "sigma1": s.copy(), "mu2": mu + 0.1, "sigma2": s.copy()}
+    args[where][(0,) * args[where].ndim] = bad  # one bad entry (sigma stays symmetric)
+    with pytest.raises(fid_mod.StatisticsError, match=f"{where}: 1 of .* not finite"):
+        frechet_distance(method=method, **args)
+
+
+def _not_psd(d: int = 6) -> np.ndarray:
+    """Symmetric, positive diagonal, two negative eigenvalues: no covariance looks like this."""
+    a = np.random.default_rng(0).normal(size=(d, d))
+    s = a @ a.T
+    s -= np.eye(d) * np.linalg.eigvalsh(s)[2]
+    assert np.diagonal(s).min() > 0 and np.linalg.eigvalsh(s)[0] < -0.5
+    return s
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_refuses_non_psd_covariance(method):
+    # Before the check, "eigh" returned 0.23 for this pair and "sqrtm" a bare ValueError.
+    mu, s = _stats()
+    with pytest.raises(fid_mod.StatisticsError, match="sigma2: not positive semi-definite"):
+        frechet_distance(mu, s, mu, _not_psd(), method=method)
+    with pytest.raises(fid_mod.StatisticsError, match="sigma1: negative variance"):
+        frechet_distance(mu, -s, mu, s, method=method)
+    asym = s.copy()
+    asym[0, 1] += 0.5
+    with pytest.raises(fid_mod.StatisticsError, match="sigma1: not symmetric"):
+        frechet_distance(mu, asym, mu, s, method=method)
+
+
+def test_frechet_refuses_mismatched_shapes():
+    mu, s = _stats(d=6)
+    with pytest.raises(fid_mod.StatisticsError, match=r"sigma2: shape \(6, 6\) does not fit mu2"):
+        frechet_distance(mu, s, mu[:4], s)
+    mu4, s4 = _stats(d=4)
+    with pytest.raises(fid_mod.StatisticsError, match="feature dims differ: 6 vs 4"):
+        frechet_distance(mu, s, mu4, s4)
+
+
+def test_check_moments_accepts_float32_rounded_and_singular_covariances():
+    x = _gauss(8, 32, 12)  # rank-7 covariance in 32 dims
+    s = np.cov(x, rowvar=False)
+    mu32, s32 = fid_mod.check_moments(x.mean(0).astype(np.float32), s.astype(np.float32))
+    assert s32.dtype == np.float64 and np.linalg.eigvalsh(s32)[0] < 0  # round-off negatives
+    assert np.isfinite(frechet_distance(mu32, s32, x.mean(0), s))
+    fid_mod.check_moments(np.zeros(3), np.zeros((3, 3)))  # constant features: a valid covariance
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_frechet_of_identical_singular_stats_is_exactly_zero(method):
+    # Without the clamp these are ~-1e-6 (float64 round-off of Tr sqrtm on a singular product).
+    for seed in range(4):
+        x = _gauss(8, 32, seed)
+        mu, s = x.mean(0), np.cov(x, rowvar=False)
+        assert frechet_distance(mu, s, mu, s, method=method) == 0.0
+
+
+def test_frechet_round_off_band_is_clamped_and_below_it_refused(monkeypatch):
+    """Scale sqrtm's output so the result lands at a chosen multiple of the tolerance."""
+    s = np.diag([1.0, 2.0, 3.0])
+    tol = fid_mod.frechet_tolerance(s, s)
+    # FID(x, x) with Tr covmean scaled by (1 + t) is -2 t Tr(s).
+    real_sqrtm = scipy.linalg.sqrtm
+    for factor, ok in ((0.5, True), (2.0, False)):
+        t = factor * tol / (2 * np.trace(s))
+        monkeypatch.setattr(fid_mod.scipy.linalg, "sqrtm", lambda a, t=t: real_sqrtm(a) * (1 + t))
+        if ok:
+            assert frechet_distance(np.zeros(3), s, np.zeros(3), s) == 0.0
+        else:
+            with pytest.raises(fid_mod.StatisticsError, match="below the round-off tolerance"):
+                frechet_distance(np.zeros(3), s, np.zeros(3), s)
+
+
+def test_frechet_tolerance_scale_for_inception_statistics():
+    # Documented: ~5e-3 for 2048-d pool statistics with Tr(sigma) ~ 220 (measured on real
+    # photos), +2 d eps after ADM's offset fallback; FID(x, x) there measures ~ -1e-4.
+    s = np.eye(2048) * (220.0 / 2048)
+    assert 4e-3 < fid_mod.frechet_tolerance(s, s) < 6e-3
+    with_offset = fid_mod.frechet_tolerance(s, s, offset=fid_mod.FID_EPS)
+    np.testing.assert_allclose(with_offset - fid_mod.frechet_tolerance(s, s), 2 * 2048 * 1e-6)
+
+
+def test_feature_stats_refuse_too_few_rows_and_bad_moments(tmp_path):
+    one = FeatureStats().update(np.ones((1, 4)))
+    with pytest.raises(fid_mod.StatisticsError, match="at least 2 feature rows, got 1"):
+        _ = one.cov
+    with pytest.raises(fid_mod.StatisticsError, match="no features"):
+        _ = FeatureStats().mean
+    with pytest.raises(fid_mod.StatisticsError, match="count: 1 samples"):
+        FeatureStats.from_moments(np.zeros(3), np.eye(3), count=1)
+    path = tmp_path / "nan.npz"
+    np.savez(path, mu=np.array([0.0, np.nan]), sigma=np.eye(2))
+    with pytest.raises(fid_mod.StatisticsError, match="mu: 1 of 2 values are not finite"):
+        FeatureStats.from_npz(path)

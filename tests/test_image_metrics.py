@@ -191,8 +191,10 @@ def test_cli_errors_are_one_line(tmp_path):
     )
     assert proc.returncode != 0
     assert "error:" in proc.stderr and "arr_0" in proc.stderr
+    good = tmp_path / "good.npz"  # the samples file is read first; it must pass to reach weights
+    np.savez(good, np.zeros((2, 8, 8, 3), np.uint8))
     proc = subprocess.run(
-        [sys.executable, "-m", "tokpost_jax.evaluate", str(tmp_path / "no.npz"), str(bad),
+        [sys.executable, "-m", "tokpost_jax.evaluate", str(tmp_path / "no.npz"), str(good),
          "--inception_weights=/nonexistent/inception.pt"],
         capture_output=True, text=True, env=_single_device_env(), timeout=300,
     )

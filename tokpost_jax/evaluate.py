@@ -26,8 +26,10 @@ from ml_collections import config_flags
 from tokpost_jax import config_lib
 from tokpost_jax import sharding as shd
 from tokpost_jax.convert.inception_weights import InceptionWeightsError
+from tokpost_jax.convert.torchscript import TorchCheckpointError
 from tokpost_jax.data import DataError
 from tokpost_jax.metrics import features as features_lib
+from tokpost_jax.metrics import fid
 from tokpost_jax.metrics import reference as ref_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose .data names the split.")
@@ -53,6 +55,23 @@ _LABELS = {
 }
 
 
+_SKIPPED_LABELS = {
+    "sfid": "sFID",
+    "precision": "Precision/Recall",
+    "inception_score": "Inception Score",
+}
+
+#: Bad input: reported as one ``error:`` line with a non-zero exit, never a traceback.
+_USER_ERRORS = (
+    FileNotFoundError,
+    InceptionWeightsError,
+    TorchCheckpointError,
+    ref_lib.ReferenceError,
+    fid.StatisticsError,
+    DataError,
+)
+
+
 def make_extractor() -> features_lib.InceptionExtractor:
     mesh = shd.make_mesh(config_lib.mesh())
     rules = shd.rules_tuple(config_lib.DEFAULT_SHARDING_RULES)
@@ -63,21 +82,19 @@ def make_extractor() -> features_lib.InceptionExtractor:
 
 
 def evaluate_files(ref_path: str, samples_path: str) -> dict[str, float]:
+    """Scores SAMPLES against REF. Both files are read and checked before Inception runs, so a
+    bad file fails in one line within seconds rather than after minutes of features."""
+    images = ref_lib.load_images_npz(samples_path)
     extractor = make_extractor()
     ref = ref_lib.read_reference(ref_path, extractor)
-    samples = extractor.from_arrays(ref_lib.load_images_npz(samples_path))
+    samples = extractor.from_arrays(images)
     metrics = features_lib.report(ref, samples, method=_METHOD.value)
     metrics["num_samples"] = float(samples.count)
     for key, label in _LABELS.items():
         if key in metrics:
             print(f"{label}: {metrics[key]}")
-    if "inception_score" not in metrics:
-        print(
-            "Inception Score: not computed (these Inception weights have no logits layer; pass "
-            "--inception_weights=pt_inception-2015-12-05-6726825d.pth for IS)"
-        )
-    if "precision" not in metrics:
-        print("Precision/Recall: not computed (the reference has neither arr_0 nor pool_features)")
+    for key, reason in features_lib.skipped_metrics(ref, samples).items():
+        print(f"{_SKIPPED_LABELS[key]}: not computed ({reason})")
     return metrics
 
 
@@ -107,8 +124,8 @@ def main(argv: list[str]) -> None:
             if len(argv) != 3:
                 raise app.UsageError("usage: python -m tokpost_jax.evaluate REF.npz SAMPLES.npz")
             metrics = evaluate_files(argv[1], argv[2])
-    except (FileNotFoundError, InceptionWeightsError, ref_lib.ReferenceError, DataError) as e:
-        sys.exit(f"error: {e}")
+    except _USER_ERRORS as e:
+        sys.exit("error: " + str(e).replace("\n", " "))
     if _JSON.value and jax.process_index() == 0:
         with open(_JSON.value, "w") as f:
             json.dump(metrics, f, indent=2)

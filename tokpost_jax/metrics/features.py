@@ -107,19 +107,48 @@ def report(
     ``method`` is the Fréchet trace computation (:func:`~tokpost_jax.metrics.fid.frechet_distance`):
     "sqrtm" as ADM, "eigh" the same value ~10x faster on CPU.
     Metrics whose inputs were not kept (spatial stats, pool rows, logits) are left out rather
-    than guessed; the CLI says which and why.
+    than guessed; :func:`skipped_metrics` says which and why.
     """
     out = {"fid": fid.stats_frechet_distance(fake.pool, real.pool, method)}
-    if fake.spatial is not None and real.spatial is not None:
+    skipped = skipped_metrics(real, fake, k=k)
+    if "sfid" not in skipped:
         out["sfid"] = fid.stats_frechet_distance(fake.spatial, real.spatial, method)
-    real_rows, fake_rows = real.rows(), fake.rows()
-    if real_rows is not None and fake_rows is not None and min(len(real_rows), len(fake_rows)) > k:
-        out["precision"], out["recall"] = fid.precision_recall(real_rows, fake_rows, k=k)
+    if "precision" not in skipped:
+        out["precision"], out["recall"] = fid.precision_recall(real.rows(), fake.rows(), k=k)
     logits = fake.logit_rows()
-    if logits is not None:
+    if "inception_score" not in skipped:
         splits = max(1, math.ceil(len(logits) / ADM_IS_SPLIT_SIZE))
         out["inception_score"], out["inception_score_std"] = fid.inception_score(
             logits, splits=splits, from_logits=True
+        )
+    return out
+
+
+def skipped_metrics(real: Activations, fake: Activations, *, k: int = 3) -> dict[str, str]:
+    """Why :func:`report` leaves out sFID, precision/recall or IS: ``{metric: reason}``.
+
+    One place decides both whether a metric is computed and what the CLI says about it, so the
+    printed reason cannot drift from the actual one.
+    """
+    out: dict[str, str] = {}
+    if real.spatial is None:
+        out["sfid"] = "the reference has no spatial statistics (mu_s, sigma_s)"
+    elif fake.spatial is None:
+        out["sfid"] = "spatial features of the samples were not kept"
+    real_rows, fake_rows = real.rows(), fake.rows()
+    if real_rows is None:
+        out["precision"] = "the reference has neither arr_0 nor pool_features"
+    elif fake_rows is None:
+        out["precision"] = "pool features of the samples were not kept"
+    elif min(len(real_rows), len(fake_rows)) <= k:
+        out["precision"] = (
+            f"k-NN manifolds need more than k={k} images per set; the reference has "
+            f"{len(real_rows)}, the samples {len(fake_rows)}"
+        )
+    if fake.logit_rows() is None:
+        out["inception_score"] = (
+            "these Inception weights have no logits layer; pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth has one"
         )
     return out
 
