@@ -17,7 +17,7 @@ codebook, latent tokens and quant_conv also train — add "quantizer/*", "quant_
 "vit_encoder/*"), ``post.reuse_discriminator`` (official: False, heads start fresh),
 ``num_epochs`` (official yaml: 100), and the learning rates (``imagenet_official_lr``).
 
-COMMAND (after a tokenizer run and pairs made by the pipeline or tokpost_jax.pairs):
+COMMAND (after a tokenizer run and pairs made by the pipeline or python -m tokpost_jax.cli.pairs):
   python -m tokpost_jax.main --config=configs/post_train.py:demo --workdir=runs/post_demo \
       --config.init_from.workdir=runs/tokenizer_demo --config.data.data_dir=runs/demo_pairs
 """

@@ -8,11 +8,11 @@ Variants:
   rar_l   RAR-L (24 layers, 1024 wide, ~461M) with RobusTok's L sampling.
   micro   the smallest thing that trains; used by the tests.
 
-The tokens come from ``python -m tokpost_jax.pretokenize`` (EMA weights of the tokenizer); gFID
+The tokens come from ``python -m tokpost_jax.cli.pretokenize`` (EMA weights of the tokenizer); gFID
 decodes samples with the tokenizer in ``tokenizer_workdir`` (its config is ``tokenizer``).
 
 COMMAND (demo, after the tokenizer demo run):
-  python -m tokpost_jax.pretokenize --config=configs/tokenizer.py:demo \
+  python -m tokpost_jax.cli.pretokenize --config=configs/tokenizer.py:demo \
       --workdir=runs/tokenizer_demo --out=runs/demo_tokens --split=train --mode=center
   python -m tokpost_jax.main --config=configs/rar.py:demo --workdir=runs/rar_demo \
       --config.data.data_dir=runs/demo_tokens --config.tokenizer_workdir=runs/tokenizer_demo

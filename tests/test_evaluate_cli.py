@@ -1,4 +1,4 @@
-"""``python -m tokpost_jax.evaluate`` on bad input: one ``error:`` line and a non-zero exit.
+"""``python -m tokpost_jax.cli.evaluate`` on bad input: one ``error:`` line and a non-zero exit.
 
 Every file is checked before the Inception network runs, so each case below costs one process
 start (~4 s on 2 CPU cores) and no compilation. Statistics are synthetic but Inception-sized
@@ -32,7 +32,7 @@ def _env() -> dict[str, str]:
 
 def _evaluate(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tokpost_jax.evaluate", *map(str, args)],
+        [sys.executable, "-m", "tokpost_jax.cli.evaluate", *map(str, args)],
         capture_output=True, text=True, env=_env(), timeout=timeout,
     )
 

@@ -26,8 +26,9 @@ from tokpost_jax.metrics import fid
 from tokpost_jax.metrics import reference as ref_lib
 from tokpost_jax.metrics import tokenizer as tok_metrics
 from tokpost_jax.metrics.reconstruction import ssim_per_image
+from tokpost_jax.models import build
 from tokpost_jax.train.loop import train
-from tokpost_jax.train.tokenizer import TokenizerStage, build_tokenizer
+from tokpost_jax.train.tokenizer import TokenizerStage
 
 SIZE = 32
 
@@ -172,7 +173,7 @@ def test_adm_files_round_trip_and_cli(tmp_path, extractor):
     np.savez(sample_path, images[::-1])  # same images, other order: FID 0
     out_json = tmp_path / "m.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tokpost_jax.evaluate", str(ref_path), str(sample_path),
+        [sys.executable, "-m", "tokpost_jax.cli.evaluate", str(ref_path), str(sample_path),
          f"--json_out={out_json}", "--batch_size=8", "--frechet=eigh"],
         capture_output=True, text=True, env=_single_device_env(), timeout=600,
     )
@@ -186,7 +187,7 @@ def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=np.zeros((2, 8, 8, 3), np.uint8))
     proc = subprocess.run(
-        [sys.executable, "-m", "tokpost_jax.evaluate", str(bad), str(bad)],
+        [sys.executable, "-m", "tokpost_jax.cli.evaluate", str(bad), str(bad)],
         capture_output=True, text=True, env=_single_device_env(), timeout=300,
     )
     assert proc.returncode != 0
@@ -194,7 +195,7 @@ def test_cli_errors_are_one_line(tmp_path):
     good = tmp_path / "good.npz"  # the samples file is read first; it must pass to reach weights
     np.savez(good, np.zeros((2, 8, 8, 3), np.uint8))
     proc = subprocess.run(
-        [sys.executable, "-m", "tokpost_jax.evaluate", str(tmp_path / "no.npz"), str(good),
+        [sys.executable, "-m", "tokpost_jax.cli.evaluate", str(tmp_path / "no.npz"), str(good),
          "--inception_weights=/nonexistent/inception.pt"],
         capture_output=True, text=True, env=_single_device_env(), timeout=300,
     )
@@ -226,14 +227,15 @@ def trained_tiny(tmp_path_factory):
 def test_pfid_exceeds_rfid_and_grows_with_alpha(trained_tiny, mesh_rules, extractor):
     cfg, params = trained_tiny
     mesh, rules = mesh_rules
-    model = build_tokenizer(cfg)
+    model = build.tokenizer(cfg)
     deltas = tok_metrics.scaled_deltas((280,), 512)  # the paper's middle δ at K = 512: 9
     grid = tok_metrics.PerturbationGrid(alphas=(0.9, 0.5), deltas=deltas)
-    evaluator = tok_metrics.TokenizerEvaluator(model, extractor, grid=grid, seed=0)
+    evaluator = tok_metrics.TokenizerEvaluator(model, extractor=extractor, grid=grid, seed=0)
     data_cfg = ref_lib.split_config(cfg.data, "val", 64)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         batches = ref_lib.global_eval_batches(data_cfg, 16, mesh, rules)
-        scalars, grid_fids = evaluator.run(params, batches)
+        result = evaluator.run({"ema": params}, batches)["ema"]
+        scalars, grid_fids = result.scalars, result.grid_fids
     rfid = scalars["rfid"]
     hi, lo = grid_fids["fid_a0.9_d9"], grid_fids["fid_a0.5_d9"]
     assert rfid < lo < hi, (rfid, lo, hi)
@@ -242,7 +244,9 @@ def test_pfid_exceeds_rfid_and_grows_with_alpha(trained_tiny, mesh_rules, extrac
     assert 0 < scalars["ssim"] <= 1 and scalars["psnr"] > 10
     # Fixed seeds: a second run gives the same numbers.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        again, _ = evaluator.run(params, ref_lib.global_eval_batches(data_cfg, 16, mesh, rules))
+        again = evaluator.run(
+            {"ema": params}, ref_lib.global_eval_batches(data_cfg, 16, mesh, rules)
+        )["ema"].scalars
     assert again["pfid"] == scalars["pfid"]
     image = tok_metrics.pfid_plot(grid_fids, grid)
     assert image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8

@@ -1,4 +1,4 @@
-"""Tests for tokpost_jax.pairs: σ = 1 is reconstruction, σ = 0 generation, resuming, reading back.
+"""tokpost_jax.datagen.pairs: σ = 1 is reconstruction, σ = 0 generation, resuming, reading back.
 
 A randomly initialised micro tokenizer (configs/tokenizer.py:micro, 16x16, 16 tokens of 64 codes)
 and micro RAR pair 40 of the 500 mnist5k val digits over the 8 fake CPU devices of conftest.py.

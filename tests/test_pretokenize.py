@@ -1,4 +1,4 @@
-"""Tests for tokpost_jax.pretokenize: tokens equal a direct Tokenizer.encode, views, resuming, CLI.
+"""tokpost_jax.datagen.tokens: tokens equal a direct Tokenizer.encode, views, resuming, CLI.
 
 A randomly initialised micro tokenizer (configs/tokenizer.py:micro, 16x16) encodes the 500 real
 mnist5k val digits over the 8 fake CPU devices of conftest.py.

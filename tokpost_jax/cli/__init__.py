@@ -56,15 +56,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tokpost_jax.checkpoint import CheckpointError
     from tokpost_jax.config_checks import ConfigError
     from tokpost_jax.convert.inception_weights import InceptionWeightsError
+    from tokpost_jax.convert.torchscript import TorchCheckpointError
     from tokpost_jax.data import DataError
     from tokpost_jax.files import DiskFullError
+    from tokpost_jax.metrics.fid import StatisticsError
     from tokpost_jax.metrics.reference import ReferenceError
     from tokpost_jax.train.loop import NonFiniteLossError
     from tokpost_jax.workdir_lock import WorkdirLockedError
 
     return (DataError, CheckpointError, NonFiniteLossError, FileNotFoundError,
             InceptionWeightsError, ReferenceError, ConfigError, DiskFullError,
-            WorkdirLockedError)
+            WorkdirLockedError, TorchCheckpointError, StatisticsError)
 
 
 def exit_with(e: BaseException) -> None:
@@ -111,16 +113,18 @@ def define_config(help_text: str, config_files: Sequence[str] = ()) -> dict[str,
 
 
 def run(define_flags: Callable[[], dict[str, Any]], main: Callable[[dict[str, Any]], Any],
-        *, required: Sequence[str] = ()) -> None:
+        *, required: Sequence[str] = (), positional: bool = False) -> None:
     """Defines the command's flags, parses them (a bad ``--config.*`` is one line), sets the
-    process up, and runs ``main``; user errors exit with one line."""
+    process up, and runs ``main``; user errors exit with one line. With ``positional``, the
+    arguments after the flags reach ``main`` as ``values["args"]``."""
     from tokpost_jax import config_checks
 
     values = define_flags()
 
     def _main(argv: list[str]) -> None:
-        if len(argv) > 1:
+        if len(argv) > 1 and not positional:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        values["args"] = list(argv[1:])
         if "print_config" in values and values["print_config"].value:
             print(values["config"].value)
             return

@@ -4,7 +4,7 @@ Train: source → host shard ``[process_index::process_count]`` → shuffle →
 repeat (reshuffled every epoch) → random_map (crop/flip, grain's per-record
 rng) → batch → to_iter_dataset (thread prefetch) → optional mp_prefetch.
 
-Shards (``data.name == "shards"``, arrays written by e.g. tokpost_jax.pretokenize) are already
+Shards (``data.name == "shards"``, arrays written by e.g. tokpost_jax.cli.pretokenize) are already
 final views: they skip the augmentation, and only their uint8 image fields
 (``data.image_fields``) are converted to float per batch; other fields pass through.
 
@@ -130,7 +130,7 @@ def make_source(data_cfg: Any, split: str):
         if data_cfg.data_dir is None:
             raise DataError(
                 "config.data.data_dir must be set to the directory holding <split>/manifest.json "
-                "for name='shards' (the --out of python -m tokpost_jax.pretokenize)"
+                "for name='shards' (the --out of python -m tokpost_jax.cli.pretokenize)"
             )
         return ShardSource(os.path.join(os.fspath(data_cfg.data_dir), split))
     if name == FOLDER_NAME:

@@ -377,7 +377,7 @@ class ShardSource:
         if not os.path.isdir(self.directory):
             raise DataError(
                 f"shard directory {self.directory!r} does not exist; write it first "
-                "(python -m tokpost_jax.pretokenize --out=<data_dir> --split=<split> ... for "
+                "(python -m tokpost_jax.cli.pretokenize --out=<data_dir> --split=<split> ... for "
                 "tokens) or fix config.data.data_dir"
             )
         try:

@@ -124,8 +124,10 @@ class CODATokenizer(nn.Module):
             return q.f_hat, q
         return self.perturb(q, perturbation), q
 
-    def perturb(self, q: MultiScaleQuantized, p: Perturbation) -> jax.Array:
-        """f̂ + sg(lookup(idx') − lookup(idx)): perturbed values, the clean path's gradient."""
+    def perturbed_indices(self, q: MultiScaleQuantized, p: Perturbation) -> jax.Array:
+        """[B, L] tokens after the swaps: among each token's δ nearest codes (by the assignment
+        logits, or by code-to-code distance of values / keys), for the samples ``p`` selects,
+        never at scales smaller than ``perturb_min_side``."""
         if p.neighbours not in NEIGHBOURS:
             raise ValueError(
                 f"neighbours must be one of {NEIGHBOURS} for CODA, got {p.neighbours!r}"
@@ -141,13 +143,16 @@ class CODATokenizer(nn.Module):
             ) - 0.5 * jnp.sum(jnp.square(table), -1)  # argmax = nearest by Euclidean distance
             ranks = jax.lax.top_k(sims, p.delta_max)[1].astype(jnp.int32)
         idx, _ = perturb_from_ranks(p, ranks)
-        if self.perturb_min_side > 1:
-            coarse = jnp.asarray(self.layout.scale_of_token()) < sum(
-                s < self.perturb_min_side for s in self.scales
-            )
+        num_coarse = sum(s < self.perturb_min_side for s in self.scales)
+        if num_coarse:
+            coarse = jnp.asarray(self.layout.scale_of_token()) < num_coarse
             idx = jnp.where(coarse[None], q.indices, idx)
+        return idx
+
+    def perturb(self, q: MultiScaleQuantized, p: Perturbation) -> jax.Array:
+        """f̂ + sg(lookup(idx') − lookup(idx)): perturbed values, the clean path's gradient."""
+        swapped = self.quantizer.lookup(self.perturbed_indices(q, p))
         clean = self.quantizer.lookup(q.indices)
-        swapped = self.quantizer.lookup(idx)
         return q.f_hat + jax.lax.stop_gradient(swapped - clean)
 
     def __call__(
