@@ -107,8 +107,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     cfg = load_config_file(MICRO)
     cfg.unlock()
     cfg.checkpoint_every_steps = 10
-    with pytest.raises(loop.NonFiniteLossError, match="at step 15"):
+    with pytest.raises(loop.NonFiniteLossError, match="at step 15") as info:
         loop.train(cfg, str(tmp_path), _NaNFromStep15)
+    assert "The newest checkpoint known to be finite is step 10 in " in str(info.value)
     assert _complete_steps(tmp_path) == [10]
     params = ckpt_lib.load_params(tmp_path / "checkpoints", key="params")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))

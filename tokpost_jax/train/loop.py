@@ -26,13 +26,16 @@ from clu import metrics as clu_metrics
 
 from tokpost_jax import checkpoint as ckpt_lib
 from tokpost_jax import data as data_lib
+from tokpost_jax import files, workdir_lock
 from tokpost_jax import images as images_lib
 from tokpost_jax import sharding as shd
+from tokpost_jax.files import DiskFullError
 from tokpost_jax.train.state import TrainState
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/Inf; the run stops without saving the bad state."""
+    """The loss, a gradient/parameter norm or the state became NaN/Inf; the run stops without
+    saving the bad state."""
 
 
 class EvalResult(dict):
@@ -196,26 +199,90 @@ def _eval_log_path(workdir: str) -> str:
 
 
 def _append_eval_history(workdir: str, step: int, results: Mapping[str, EvalResult]) -> None:
-    """One JSON line per evaluation, so first/final numbers survive restarts (process 0 only)."""
-    if jax.process_index() == 0:
-        with open(_eval_log_path(workdir), "a") as f:
-            f.write(json.dumps({"step": step, **_flatten(results)}) + "\n")
+    """One JSON line per evaluated step, so first/final numbers survive restarts (process 0 only).
+
+    A run resumed from a checkpoint older than its last evaluation evaluates that step again;
+    the new line replaces the old one. The file is small and rewritten whole (atomically).
+    """
+    if jax.process_index() != 0:
+        return
+    rows = [r for r in eval_history(workdir) if r["step"] != step]
+    rows.append({"step": step, **_flatten(results)})
+    rows.sort(key=lambda r: r["step"])
+    files.write_text(_eval_log_path(workdir), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def eval_history(workdir: str) -> list[dict]:
-    """All evaluations a run in ``workdir`` has logged, oldest first."""
+    """All evaluations a run in ``workdir`` has logged, one per step (the latest), oldest first."""
     path = _eval_log_path(workdir)
     if not os.path.exists(path):
         return []
+    by_step: dict[int, dict] = {}
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                by_step[int(row["step"])] = row
+            except (ValueError, KeyError, TypeError):  # a line cut by a kill (older versions)
+                logging.warning("Skipping unreadable line %d of %s.", number, path)
+    return [by_step[k] for k in sorted(by_step)]
+
+
+class _Writer:
+    """The metric writer, with a full disk (which clu raises one write later, from its
+    background thread) turned into one line naming the directory."""
+
+    def __init__(self, writer: metric_writers.MetricWriter, workdir: str):
+        self._writer, self._workdir = writer, workdir
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._writer, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                if ckpt_lib.is_disk_full(e):
+                    raise DiskFullError(
+                        "no space left on device while writing TensorBoard summaries to "
+                        f"{self._workdir}"
+                    ) from None
+                raise
+
+        return call
+
+
+def _guarded(metrics: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The step outputs that must be finite: the loss and every gradient/parameter norm (the
+    norm of the *updated* parameters is what shows the state after the step is finite)."""
+    return {
+        k: v
+        for k, v in metrics.items()
+        if k == "loss" or k.endswith("grad_norm") or k.endswith("param_norm")
+    }
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage]) -> list[dict]:
-    """Runs (or resumes) a stage to ``total_steps``; returns the run's evaluation history."""
+    """Runs (or resumes) a stage to ``total_steps``; returns the run's evaluation history.
+
+    Holds the workdir lock (:mod:`tokpost_jax.workdir_lock`) for the whole run, so a second run
+    on the same workdir fails at once in one line naming the first.
+    """
+    with workdir_lock.hold(workdir), ckpt_lib.quiet_disk_full_logs():
+        return _train(config, workdir, stage_cls)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage]) -> list[dict]:
     os.makedirs(workdir, exist_ok=True)
-    writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    writer = _Writer(
+        metric_writers.create_default_writer(
+            workdir, just_logging=jax.process_index() > 0, asynchronous=True
+        ),
+        workdir,
     )
     rules = shd.rules_tuple(config.sharding_rules)
     mesh = shd.make_mesh(config.mesh)
@@ -235,79 +302,107 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
         os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
     config_json = config.to_dict()
+    step = 0
+    train_iter = None
+    failed = True
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            sharded = ShardedStage.build(stage, mesh, rules)
+            restored = checkpointer.restore_latest(sharded.abstract_state, config_json)
+            data_state: dict = {}
+            # The newest checkpoint known to hold a finite state: the one resumed from (verified
+            # on restore) or the last one saved by this run (checked before saving).
+            last_good: int | None = None
+            if restored is not None:
+                start_step, state, data_state = restored
+                last_good = start_step
+                logging.info("Resumed from %s at step %d.", checkpointer.directory, start_step)
+            else:
+                start_step = 0
+                state = stage.load_pretrained(sharded.init(jax.random.PRNGKey(config.seed)))
+                if config.get("init_from") and config.init_from.get("workdir"):
+                    src = os.path.join(config.init_from.workdir, "checkpoints")
+                    params = ckpt_lib.load_params(src, key=config.init_from.params_key)
+                    state = stage.warm_start(state, params)
+                    logging.info("Warm-started %s from %s.", config.init_from.params_key, src)
+            step = start_step
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        sharded = ShardedStage.build(stage, mesh, rules)
-        restored = checkpointer.restore_latest(sharded.abstract_state)
-        data_state: dict = {}
-        if restored is not None:
-            start_step, state, data_state = restored
-            logging.info("Resumed from %s at step %d.", checkpointer.directory, start_step)
-        else:
-            start_step = 0
-            state = stage.load_pretrained(sharded.init(jax.random.PRNGKey(config.seed)))
-            if config.get("init_from") and config.init_from.get("workdir"):
-                src = os.path.join(config.init_from.workdir, "checkpoints")
-                params = ckpt_lib.load_params(src, key=config.init_from.params_key)
-                state = stage.warm_start(state, params)
-                logging.info("Warm-started %s from %s.", config.init_from.params_key, src)
+            if start_step == 0 and jax.process_index() == 0:
+                parameter_overview.log_parameter_overview(jax.device_get(state.params))
+                writer.write_hparams({"total_steps": total_steps, "batch_size": config.batch_size})
 
-        if start_step == 0 and jax.process_index() == 0:
-            parameter_overview.log_parameter_overview(jax.device_get(state.params))
-            writer.write_hparams({"total_steps": total_steps, "batch_size": config.batch_size})
+            train_iter = data_lib.make_train_iterator(
+                config.data,
+                seed=config.seed,
+                host_batch_size=config.batch_size // jax.process_count(),
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+            if data_state:
+                train_iter.set_state(data_state)
 
-        train_iter = data_lib.make_train_iterator(
-            config.data,
-            seed=config.seed,
-            host_batch_size=config.batch_size // jax.process_count(),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        if data_state:
-            train_iter.set_state(data_state)
+            batch_sharding, repl = sharded.batch_sharding, sharded.replicated
+            frozen = jax.device_put(stage.frozen_params(), repl)
+            step_fn = sharded.step
+            base_rng = jax.device_put(base_rng, repl)
 
-        batch_sharding, repl = sharded.batch_sharding, sharded.replicated
-        frozen = jax.device_put(stage.frozen_params(), repl)
-        step_fn = sharded.step
-        base_rng = jax.device_put(base_rng, repl)
+            report = periodic_actions.ReportProgress(
+                num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
+            )
+            if start_step == 0 and config.get("eval_at_start", True):
+                run_evaluation(stage, state, frozen, 0, writer, workdir)
 
-        report = periodic_actions.ReportProgress(
-            num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps
-        )
-        if start_step == 0 and config.get("eval_at_start", True):
-            run_evaluation(stage, state, frozen, 0, writer, workdir)
-
-        def save(step: int) -> None:
-            checkpointer.save(step, state, train_iter.get_state(), config_json)
-
-        accumulated = None
-        pending_loss: tuple[int, jax.Array] | None = None
-        interval_t0, interval_start = time.time(), start_step
-
-        def check_finite(step: int, loss: jax.Array) -> None:
-            value = float(jax.device_get(loss))
-            if not np.isfinite(value):
-                checkpointer.wait()
-                raise NonFiniteLossError(
-                    f"Loss is {value} at step {step}; stopping. The last good checkpoint is step "
-                    f"{checkpointer.latest_step()} in {checkpointer.directory} (left untouched)."
+            def known_good() -> str:
+                if last_good is None:
+                    return f"No checkpoint in {checkpointer.directory} is known to be finite."
+                return (
+                    f"The newest checkpoint known to be finite is step {last_good} in "
+                    f"{checkpointer.directory} (left untouched)."
                 )
 
-        try:
+            def check_finite(at: int, values: Mapping[str, jax.Array]) -> None:
+                host = jax.device_get(dict(values))
+                bad = [(k, float(v)) for k, v in host.items() if not np.isfinite(v)]
+                if bad:
+                    checkpointer.wait()
+                    bad.sort(key=lambda kv: kv[0] != "loss")
+                    what = ", ".join(f"{k} is {v}" for k, v in bad)
+                    raise NonFiniteLossError(
+                        f"{what} at step {at}; stopping without saving. " + known_good()
+                    )
+
+            def save(at: int) -> None:
+                nonlocal last_good
+                try:
+                    checkpointer.save(at, state, train_iter.get_state(), config_json)
+                except ckpt_lib.NonFiniteStateError as e:
+                    checkpointer.wait()
+                    raise NonFiniteLossError(
+                        f"The state after step {at} holds {e.count} NaN/Inf value(s) in {e.leaf} "
+                        "although the step's loss and norms were finite; stopping without "
+                        "saving. " + known_good()
+                    ) from None
+                last_good = at
+
+            accumulated = None
+            pending: tuple[int, dict[str, jax.Array]] | None = None
+            interval_t0, interval_start = time.time(), start_step
+
             for step in range(start_step + 1, total_steps + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     batch = shd.host_to_global(next(train_iter), batch_sharding)
                     state, metrics = step_fn(state, batch, base_rng, frozen)
-                # Check the previous step's loss after dispatching this one: keeps the device busy.
-                if pending_loss is not None:
-                    check_finite(*pending_loss)
-                pending_loss = (step, metrics["loss"])
+                # Check the previous step after dispatching this one: keeps the device busy.
+                if pending is not None:
+                    check_finite(*pending)
+                pending = (step, _guarded(metrics))
                 single = _collection_for(metrics).single_from_model_output(**metrics)
                 accumulated = single if accumulated is None else accumulated.merge(single)
                 report(step)
 
                 if step % config.log_every_steps == 0 or step == total_steps:
-                    check_finite(*pending_loss)
+                    check_finite(*pending)
+                    checkpointer.check_for_errors()  # a failed background save, without waiting
                     scalars = _summarize(accumulated)
                     elapsed = time.time() - interval_t0
                     rate = (step - interval_start) * config.batch_size / max(elapsed, 1e-9)
@@ -315,6 +410,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
                     scalars["eta_min"] = (total_steps - step) * config.batch_size / rate / 60
                     scalars.update(stage.throughput_scalars(rate))
                     writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                    writer.flush()  # a failed background write (full disk) surfaces here, now
                     logging.info(
                         "[train @ %d/%d] %s",
                         step,
@@ -324,16 +420,41 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
                     accumulated, interval_t0, interval_start = None, time.time(), step
 
                 if step % config.checkpoint_every_steps == 0 or step == total_steps:
-                    check_finite(*pending_loss)
+                    check_finite(*pending)
                     save(step)
                 if step % config.eval_every_steps == 0 or step == total_steps:
                     run_evaluation(stage, state, frozen, step, writer, workdir)
-        finally:
             checkpointer.close()
             writer.flush()
-            if hasattr(train_iter, "close"):  # grain worker processes and their shared memory
-                train_iter.close()
+        failed = False
+    except ckpt_lib.CheckpointDiskFullError:
+        raise
+    except Exception as e:
+        if not ckpt_lib.is_disk_full(e):
+            raise
+        what = str(e) if isinstance(e, DiskFullError) else f"no space left on device ({e})"
+        raise DiskFullError(
+            f"{what.splitlines()[0][:300]} at step {step}; {checkpointer.last_complete()}. Free "
+            "space and rerun to resume."
+        ) from None
+    finally:
+        _shut_down(checkpointer, writer, train_iter, quiet=failed)
     return eval_history(workdir)
+
+
+def _shut_down(checkpointer: Any, writer: Any, train_iter: Any, *, quiet: bool) -> None:
+    """Releases the run's resources; after a failure, their own errors (the same full disk,
+    again) are logged in one line each instead of hiding the first one."""
+    steps = [checkpointer.close, writer.flush]
+    if hasattr(train_iter, "close"):  # grain worker processes and their shared memory
+        steps.append(train_iter.close)
+    for release in steps:
+        try:
+            release()
+        except Exception as e:
+            if not quiet:
+                raise
+            logging.warning("While stopping after an error: %s", str(e).splitlines()[0][:300])
 
 
 _COLLECTIONS: dict[tuple[str, ...], Any] = {}
