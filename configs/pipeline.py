@@ -7,6 +7,12 @@ Variants:
             samples), so they are noisy: compare rows, not with the paper.
   micro     every stage at toy size; used by the tests.
   imagenet  the paper: RobusTok on ImageNet-1k 256², RAR-B, σ = 0.7, N = 200k, 40 epochs.
+  coda_demo the whole RobusTok method on a CODA tokenizer (neither paper does this), MNIST, CPU:
+            the demo KL-VAE → CODA with latent perturbation over the token pyramid → rFID/pFID
+            → pretokenize (30 tokens, coarse → fine) → the tiny RAR over that flat sequence →
+            gFID → σ = 0.7 pairs → decoder-LoRA post-training → gFID. The generator is RAR, our
+            choice: CODA's own generation code is unreleased.
+  coda_micro  the same at toy size; used by the tests.
 
 Each part is the stage's own config (configs/tokenizer.py, rar.py, post_train.py); the pipeline
 fills in what links them (directories, the tokenizer architecture, the gFID reference), so the
@@ -28,13 +34,55 @@ import ml_collections
 
 from tokpost_jax import config_lib
 
-VARIANTS = ("demo", "micro", "imagenet")
+VARIANTS = ("demo", "micro", "imagenet", "coda_demo", "coda_micro")
+
+
+def _common(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+    c.mesh = config_lib.mesh()
+    c.sharding_rules = config_lib.DEFAULT_SHARDING_RULES
+    c.num_grid_images = 8 if arg.endswith("micro") else 40
+    return c
+
+
+def coda_pipeline(arg: str) -> ml_collections.ConfigDict:
+    """VAE → CODA (+ perturbation) → … → post-training, on the stage configs' CPU variants."""
+    micro = arg == "coda_micro"
+    size = "micro" if micro else "demo"
+    c = ml_collections.ConfigDict()
+    c.vae = config_lib.sibling_config(__file__, "klvae", size)
+    c.tokenizer = config_lib.sibling_config(__file__, "coda", size)
+    c.generator = config_lib.sibling_config(__file__, "rar", size)
+    c.post_train = config_lib.sibling_config(__file__, "post_train", arg)
+    c.pretokenize = ml_collections.ConfigDict(dict(mode="center", batch_size=16 if micro else 100))
+    del c.generator.tokenizer
+    del c.post_train.model
+    del c.post_train.eval_data
+    # RobusTok main training on CODA: perturb β of each batch among the δ nearest codes by the
+    # assignment logits, never at the 1×1 and 2×2 scales (a wrong coarse token covers the image).
+    c.tokenizer.perturbation.update(enabled=True, min_side=3 if not micro else 4)
+    if micro:
+        c.tokenizer.fid_eval.update(num_images=16, batch_size=16)
+        c.tokenizer.pfid.update(alphas=(0.9, 0.5), deltas_at_16384=(512, 1024))
+        c.generator.gfid.update(num_samples=32, num_reference=32, batch_size=16)
+    else:  # sized for ~25 min on 2 CPU cores, like the ViT demo
+        c.tokenizer.fid_eval.update(num_images=32, batch_size=32)
+        c.tokenizer.data.num_eval_examples = 200
+        c.generator.total_steps = 800
+        c.generator.randomness.update(anneal_start=200, anneal_end=600)
+        c.generator.eval_every_steps = 800
+        c.generator.gfid.update(num_samples=250, num_reference=250, batch_size=50)
+        c.post_train.eval_at_start = False
+    c.uniform_token_baseline = True
+    c.gfid_raw_decoder = micro
+    return _common(c, arg)
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/pipeline.py: unknown variant {arg!r}; choose one of {VARIANTS}")
     c = ml_collections.ConfigDict()
+    if arg.startswith("coda"):
+        return coda_pipeline(arg)
     if arg == "imagenet":
         c.tokenizer = config_lib.sibling_config(__file__, "robustok_imagenet")
         c.generator = config_lib.sibling_config(__file__, "rar", "rar_b")
@@ -78,7 +126,4 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.pretokenize.batch_size = 16
     c.uniform_token_baseline = arg != "demo"  # the demo skips it to stay in its time budget
     c.gfid_raw_decoder = arg != "demo"  # gFID of the raw (non-EMA) post-trained decoder too
-    c.num_grid_images = 40 if arg != "micro" else 8
-    c.mesh = config_lib.mesh()
-    c.sharding_rules = config_lib.DEFAULT_SHARDING_RULES
-    return c
+    return _common(c, arg)

@@ -29,21 +29,11 @@ from ml_collections import config_dict
 
 from tokpost_jax import config_lib
 
-VARIANTS = ("demo", "micro", "imagenet", "imagenet_official_lr")
+VARIANTS = ("demo", "micro", "imagenet", "imagenet_official_lr", "coda_demo", "coda_micro")
 
 
-def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
-    if arg not in VARIANTS:
-        raise ValueError(
-            f"configs/post_train.py: unknown variant {arg!r}; choose one of {VARIANTS}"
-        )
-    paper = arg.startswith("imagenet")
-    base = {"demo": "demo", "micro": "micro_gan"}.get(arg)
-    c = (config_lib.sibling_config(__file__, "robustok_imagenet") if paper
-         else config_lib.sibling_config(__file__, "tokenizer", base))
-    c.trainer = "post_train"
-
-    # Judged on real images (the tokenizer's eval split); trained on the generated pairs.
+def pairs_data(c: ml_collections.ConfigDict) -> None:
+    """Judged on real images (the tokenizer's eval split, ``eval_data``); trained on the pairs."""
     c.eval_data = ml_collections.ConfigDict(c.data.to_dict())
     c.data = ml_collections.ConfigDict(
         dict(
@@ -58,6 +48,65 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             prefetch_threads=c.eval_data.prefetch_threads,
         )
     )
+
+
+def coda_post_train(arg: str) -> ml_collections.ConfigDict:
+    """RobusTok's decoder post-training on a CODA tokenizer (neither paper does this): the
+    decoder-side LoRA learns to map generated tokens to the real image; everything that
+    determines a token stays bitwise (train/post_train.py refuses patterns upstream of it).
+    Recipe relative to CODA's main training as RobusTok's is to its own: half the LR, no weight
+    decay on the tokenizer, the discriminator reused and at full weight from step 0 (no ramp)."""
+    micro = arg == "coda_micro"
+    c = config_lib.sibling_config(__file__, "coda", "micro" if micro else "demo")
+    c.trainer = "coda_post_train"
+    pairs_data(c)
+    c.post = ml_collections.ConfigDict(
+        dict(
+            # Globs over parameter paths. Default: the decoder's LoRA adapters. The whole decoder
+            # and post_quant_conv ("vae/decoder/*", "vae/post_quant_conv/*") are downstream too.
+            trainable=("vae/decoder/*lora_*",),
+            reuse_discriminator=True,
+            sigma=0.7,
+            num_images=48 if micro else 2_000,
+            seed=42,
+            source_split="train",
+            batch_size=16 if micro else 100,
+            # Always keep the ground-truth tokens of scales up to this side (0: none): at σ = 0.7
+            # the 1×1 token, broadcast over the image, is resampled in 30% of the pairs.
+            gt_max_side=0,
+        )
+    )
+    c.eval_at_start = True
+    c.init_from = ml_collections.ConfigDict(
+        dict(workdir=config_dict.placeholder(str), params_key="ema_params")
+    )
+    c.perturbation.enabled = False
+    c.gan.update(start=0, ramp="none")
+    c.fid_eval.every_steps = 0
+    c.optim.update(lr=c.optim.lr / 2, weight_decay=0.0, ema_schedule="constant", ema_decay=0.99,
+                   ema_start=0)
+    c.gan.optim.lr = c.gan.optim.lr / 2
+    c.total_steps = 20 if micro else 300
+    c.eval_every_steps = c.total_steps
+    c.checkpoint_every_steps = 10 if micro else 100
+    return c
+
+
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    if arg not in VARIANTS:
+        raise ValueError(
+            f"configs/post_train.py: unknown variant {arg!r}; choose one of {VARIANTS}"
+        )
+    if arg.startswith("coda_"):
+        return coda_post_train(arg)
+    paper = arg.startswith("imagenet")
+    base = {"demo": "demo", "micro": "micro_gan"}.get(arg)
+    c = (config_lib.sibling_config(__file__, "robustok_imagenet") if paper
+         else config_lib.sibling_config(__file__, "tokenizer", base))
+    c.trainer = "post_train"
+
+    # Judged on real images (the tokenizer's eval split); trained on the generated pairs.
+    pairs_data(c)
     c.post = ml_collections.ConfigDict(
         dict(
             # Globs over parameter paths: everything downstream of the tokens.
@@ -84,13 +133,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.optim.min_lr = min(c.optim.min_lr, c.optim.lr / 10)
     c.optim.weight_decay = 0.0
     c.gan.optim.lr = c.gan.optim.lr / 2
+    if arg == "imagenet_official_lr":
+        c.optim.update(lr=5e-5, min_lr=1e-5)
+        c.gan.optim.update(lr=5e-5, min_lr=1e-5, weight_decay=5e-4)
     if paper:
         c.num_epochs = 40.0  # the paper's best (Tab. 9); the official yaml says 100
         c.optim.warmup_steps = 196  # one epoch of 200k pairs at batch 1024
         c.gan.optim.warmup_steps = 2 * 196
-    if arg == "imagenet_official_lr":
-        c.optim.update(lr=5e-5, min_lr=1e-5)
-        c.gan.optim.update(lr=5e-5, min_lr=1e-5, weight_decay=5e-4)
     else:
         c.num_epochs = None
         c.total_steps = 600 if arg == "demo" else 20

@@ -645,9 +645,11 @@ class Checkpointer:
 
 
 def load_params(
-    directory: str | os.PathLike, *, key: str = "ema_params", step: int | None = None
+    directory: str | os.PathLike, *, key: str = "ema_params", step: int | None = None,
+    with_step: bool = False,
 ) -> Any:
-    """Reads one sub-tree (``params`` or ``ema_params``) of another run's checkpoint.
+    """Reads one sub-tree (``params`` or ``ema_params``) of another run's checkpoint; with
+    ``with_step``, ``(tree, the step it came from)`` (for manifests that pin it).
 
     Used for warm starts, evaluation and by downstream stages (pretokenization, post-training)
     that need a trained tokenizer without its optimizer state. The newest checkpoint that passes
@@ -691,4 +693,4 @@ def load_params(
             f"Checkpoint {directory} step {step} has no '{key}' "
             f"(has: {sorted(state) if isinstance(state, dict) else type(state)})."
         )
-    return tree
+    return (tree, step) if with_step else tree

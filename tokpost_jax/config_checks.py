@@ -648,6 +648,29 @@ TOKENIZER_RULES: tuple[Any, ...] = (
     number("dead_code_restart.min_usage", lo=0, when="dead_code_restart.every_steps"),
 )
 
+#: The continuous KL-VAE CODA starts from (tokpost_jax.train.vae).
+VAE_RULES: tuple[Any, ...] = (
+    *COMMON_RULES,
+    one_of("model.kind", ("klvae",)),
+    equals("model.resolution", "data.image_size"),
+    integer("model.z_channels", lo=1),
+    integer("model.num_res_blocks", lo=1),
+    one_of("schedule_unit", ("step", "epoch")),
+    batch("eval_batch_size"),
+    Weights("loss"),
+    boolean("gan.enabled"),
+    one_of("gan.discriminator", ("dino", "patch"), when=_enabled("gan")),
+    number("gan.weight", lo=0, when=_enabled("gan")),
+    one_of("gan.ramp", ("none", "linear"), when=_enabled("gan")),
+    text("gan.adaptive_param", when=_enabled("gan")),
+    Within("gan", optim_rules("optim"), when=_enabled("gan")),
+    Rule("fid_eval.pfid", lambda v, env: v is False,
+         "must be False: pFID perturbs discrete tokens, a continuous VAE has none"),
+    integer("fid_eval.every_steps", lo=0),
+    integer("fid_eval.num_images", lo=1, when=_runs("fid_eval")),
+    batch("fid_eval.batch_size", when=_runs("fid_eval")),
+)
+
 #: CODA (tokpost_jax.train.coda): LoRA + quantizer on a frozen VAE.
 CODA_RULES: tuple[Any, ...] = (
     *RECONSTRUCTION_RULES,
@@ -660,14 +683,11 @@ CODA_RULES: tuple[Any, ...] = (
          "must be a non-empty sequence of parameter-path globs (e.g. \"quantizer/*\")"),
 )
 
-#: Decoder post-training (tokpost_jax.train.post_train): the tokenizer's rules on the pairs.
-POST_TRAIN_RULES: tuple[Any, ...] = (
-    *TOKENIZER_RULES,
+#: Decoder post-training (tokpost_jax.train.post_train), for either family: on the pairs.
+POST_RULES: tuple[Any, ...] = (
     Within("eval_data", data_rules()),
     Rule("perturbation.enabled", lambda v, env: v is False,
          "must be False: post-training uses no latent perturbation (robustok.md §9.2)"),
-    Rule("dead_code_restart.every_steps", lambda v, env: v == 0,
-         "must be 0: dead-code restart rewrites the codebook, which post-training keeps frozen"),
     is_set("init_from.workdir", "post-training starts from the main tokenizer run's checkpoint"),
     Rule("post.trainable", lambda v, env: isinstance(v, Sequence) and not isinstance(v, str)
          and len(v) > 0 and all(isinstance(x, str) for x in v),
@@ -678,6 +698,14 @@ POST_TRAIN_RULES: tuple[Any, ...] = (
     integer("post.seed", lo=0),
     text("post.source_split"),
     batch("post.batch_size"),
+    integer("post.gt_max_side", lo=0),
+)
+
+POST_TRAIN_RULES: tuple[Any, ...] = (
+    *TOKENIZER_RULES,
+    *POST_RULES,
+    Rule("dead_code_restart.every_steps", lambda v, env: v == 0,
+         "must be 0: dead-code restart rewrites the codebook, which post-training keeps frozen"),
 )
 
 #: RAR generator training (tokpost_jax.train.generator) and its gFID evaluation.
@@ -711,6 +739,8 @@ TRAINER_RULES: dict[str, tuple[Any, ...]] = {
     "generator": GENERATOR_RULES,
     "post_train": POST_TRAIN_RULES,
     "coda": CODA_RULES,
+    "coda_post_train": (*CODA_RULES, *POST_RULES),
+    "vae": VAE_RULES,
 }
 
 
@@ -775,8 +805,6 @@ PIPELINE_LINKS: dict[str, tuple[tuple[str, str], ...]] = {
     "generator": (
         ("tokenizer", "tokenizer"),
         ("data.image_size", "tokenizer.data.image_size"),
-        ("model.codebook_size", "tokenizer.model.codebook_size"),
-        ("model.num_tokens", "tokenizer.model.num_latent_tokens"),
     ),
     "post_train": (
         ("model", "tokenizer.model"),
@@ -788,6 +816,7 @@ PIPELINE_LINKS: dict[str, tuple[tuple[str, str], ...]] = {
 PIPELINE_PATHS: dict[str, tuple[str, ...]] = {
     "generator": ("tokenizer_workdir", "data.data_dir", "gfid.reference"),
     "post_train": ("init_from.workdir", "data.data_dir"),
+    "tokenizer": ("model.vae_init",),
 }
 
 
@@ -837,6 +866,8 @@ def check_pipeline_config(
     errors = [e for rule in _pipeline_rules() for e in rule.errors(env)]
     # tokenizer_eval computes rFID/pFID and gfid_before/after gFID whatever their every_steps.
     stages = (("tokenizer", True), ("generator", True), ("post_train", False))
+    if hasattr(lookup(config, "vae"), "keys"):  # the CODA pipeline trains its VAE first
+        stages = (("vae", False), *stages)
     for stage, evaluated in stages:
         if not hasattr(lookup(config, stage), "keys"):
             errors.append(ConfigError(f"config.{stage} is missing; the pipeline runs that stage"))

@@ -7,7 +7,6 @@ a typo in a key is a one-line error that names the key and the closest valid one
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -15,26 +14,9 @@ from absl import flags, logging
 
 from tokpost_jax import cli
 
-# trainer name (config.trainer) → "module:Stage class"
-TRAINERS = {
-    "tokenizer": "tokpost_jax.train.tokenizer:TokenizerStage",
-    "generator": "tokpost_jax.train.generator:GeneratorStage",
-    "post_train": "tokpost_jax.train.post_train:PostTrainStage",
-    "vae": "tokpost_jax.train.vae:VAEStage",
-    "coda": "tokpost_jax.train.coda:CODAStage",
-}
 CONFIG_FILES = (
     "tokenizer", "robustok_imagenet", "rar", "post_train", "klvae", "coda", "coda_imagenet"
 )
-
-
-def stage_class(trainer: str) -> type:
-    if trainer not in TRAINERS:
-        from tokpost_jax.config_checks import ConfigValueError
-
-        raise ConfigValueError("trainer", trainer, f"must be one of {sorted(TRAINERS)}")
-    module, cls = TRAINERS[trainer].split(":")
-    return getattr(importlib.import_module(module), cls)
 
 
 def summary_table(history: list[dict], workdir: str) -> str:
@@ -67,6 +49,7 @@ def main(fl: dict[str, Any]) -> None:
 
     from tokpost_jax import config_checks
     from tokpost_jax.train import loop
+    from tokpost_jax.train.registry import stage_class
 
     config, workdir = fl["config"].value, fl["workdir"].value
     config_checks.check_config(config)

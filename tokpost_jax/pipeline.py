@@ -58,8 +58,12 @@ class Pipeline:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         self.workdir = os.path.abspath(workdir)
-        self.tokenizer = config.tokenizer
-        tok = self.tokenizer
+        tok = self.tokenizer = _copy(config.tokenizer)
+        # A CODA pipeline trains its continuous VAE first; the tokenizer adapts that run.
+        self.vae = _copy(config.vae) if "vae" in config else None
+        self.stages = (("vae",) if self.vae is not None else ()) + STAGES
+        if self.vae is not None:
+            tok.model.vae_init = self.dir("vae")
         # What links the stages is filled in here, from the tokenizer's config.
         g = self.generator = _copy(config.generator)
         g.tokenizer = _copy(tok)
@@ -112,12 +116,18 @@ class Pipeline:
         return result
 
     # ---- stages --------------------------------------------------------------------------------
-    def train_tokenizer(self) -> dict:
+    def _train(self, config: ml_collections.ConfigDict, stage: str) -> dict:
         from tokpost_jax.train.loop import train
-        from tokpost_jax.train.tokenizer import TokenizerStage
+        from tokpost_jax.train.registry import stage_class
 
-        history = train(self.tokenizer, self.dir("tokenizer"), TokenizerStage)
+        history = train(config, self.dir(stage), stage_class(config.trainer))
         return {"final_eval": history[-1] if history else {}}
+
+    def train_vae(self) -> dict:
+        return self._train(self.vae, "vae")
+
+    def train_tokenizer(self) -> dict:
+        return self._train(self.tokenizer, "tokenizer")
 
     def evaluate_tokenizer(self) -> dict:
         from tokpost_jax.metrics.tokenizer import evaluate_checkpoint
@@ -159,10 +169,7 @@ class Pipeline:
         return {"num_records": result.num_records, "mode": p.mode}
 
     def train_generator(self) -> dict:
-        from tokpost_jax.train.generator import GeneratorStage
-        from tokpost_jax.train.loop import train
-
-        train(self.generator, self.dir("generator"), GeneratorStage)
+        self._train(self.generator, "generator")
         return {"steps": int(self.generator.total_steps)}
 
     def tokenizer_params(self, stage: str, key: str = "ema_params") -> Any:
@@ -228,15 +235,12 @@ class Pipeline:
                 sampling=dict(guidance=s.guidance, power=s.power, temperature=s.temperature,
                               top_k=s.top_k, top_p=s.top_p),
                 batch_size=p.batch_size, mesh=self.mesh, rules=self.rules,
+                gt_max_side=p.get("gt_max_side", 0),
             )
         return {"num_records": result.num_records, "sigma": p.sigma}
 
     def post_train(self) -> dict:
-        from tokpost_jax.train.loop import train
-        from tokpost_jax.train.post_train import PostTrainStage
-
-        history = train(self.post, self.dir("post_train"), PostTrainStage)
-        return {"final_eval": history[-1] if history else {}}
+        return self._train(self.post, "post_train")
 
     def gfid_after(self) -> dict:
         decoders = {"post_ema": self.tokenizer_params("post_train", "ema_params")}
@@ -252,6 +256,7 @@ class Pipeline:
 
     def _run(self) -> dict:
         steps = {
+            "vae": self.train_vae,
             "tokenizer": self.train_tokenizer,
             "tokenizer_eval": self.evaluate_tokenizer,
             "reference": self.make_reference,
@@ -262,7 +267,7 @@ class Pipeline:
             "post_train": self.post_train,
             "gfid_after": self.gfid_after,
         }
-        results = {stage: self.run_stage(stage, steps[stage]) for stage in STAGES}
+        results = {stage: self.run_stage(stage, steps[stage]) for stage in self.stages}
         table = results_table(results)
         if jax.process_index() == 0:
             files.write_json(os.path.join(self.workdir, "results.json"), results)

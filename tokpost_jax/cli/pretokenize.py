@@ -54,14 +54,20 @@ def main(fl: dict[str, Any]) -> None:
     workdir, out = fl["workdir"].value, fl["out"].value
     step, key = fl["step"].value, fl["params_key"].value
     with workdir_lock.hold(out):
-        params = ckpt_lib.load_params(os.path.join(workdir, "checkpoints"), key=key, step=step)
+        params, step = ckpt_lib.load_params(
+            os.path.join(workdir, "checkpoints"), key=key, step=step, with_step=True
+        )
         result = tokens.pretokenize(
             config, params, out,
             split=fl["split"].value, mode=fl["mode"].value,
             batch_size=fl["batch_size"].value or config.eval_batch_size,
             mesh=shd.make_mesh(config.mesh), rules=config.sharding_rules,
             records_per_shard=fl["records_per_shard"].value,
-            metadata={"tokenizer_workdir": os.path.abspath(workdir), "params_key": key},
+            metadata={
+                "tokenizer_workdir": os.path.abspath(workdir),
+                "checkpoint_step": step,
+                "params_key": key,
+            },
             num_threads=fl["threads"].value,
         )
     if jax.process_index() == 0:

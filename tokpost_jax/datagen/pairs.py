@@ -140,7 +140,7 @@ class _PairJob:
 
     def __init__(
         self, tokenizer, tok_params, generator, gen_vars, source, chosen, size, sigma, seed,
-        settings, mesh, rules, num_threads,
+        settings, forced, mesh, rules, num_threads,
     ):
         self.source, self.chosen, self.size = source, chosen, size
         self.num_classes = generator.num_classes
@@ -151,7 +151,7 @@ class _PairJob:
         def step(tok_params: Any, gen_vars: Any, batch: dict, start: jax.Array) -> dict:
             variables = {"params": tok_params}
             truth = tokenizer.apply(variables, batch["pixels"], method="encode").astype(jnp.int32)
-            mask = teacher_mask(seed, batch["index"], sigma, truth.shape[1])
+            mask = teacher_mask(seed, batch["index"], sigma, truth.shape[1]) | forced[None]
             rng = jax.random.fold_in(
                 jax.random.fold_in(jax.random.key(seed), _SAMPLE_STREAM), start
             )
@@ -227,6 +227,7 @@ def generate_pairs(
     records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
     metadata: Mapping[str, Any] | None = None,
     num_threads: int = 8,
+    gt_max_side: int = 0,
 ) -> ShardsResult:
     """Writes `num_images` (generated, real) pairs of ``tokenizer_config.data``'s `split`.
 
@@ -237,6 +238,8 @@ def generate_pairs(
     hosts and of the batch shards of `mesh`). Only shards missing on disk are computed; σ, seed,
     the subset, the sampling settings, the batch size and fingerprints of both parameter trees
     are pinned in the manifest, with `metadata`, so a rerun with other settings is refused.
+    `gt_max_side` > 0 always keeps the ground truth at the layout's scales of at most that side
+    (a multi-scale tokenizer's coarsest tokens cover the whole image).
     """
     if not 0.0 <= float(sigma) <= 1.0:
         raise ValueError(f"sigma={sigma} must be in [0, 1] (the fraction of kept GT tokens)")
@@ -277,8 +280,11 @@ def generate_pairs(
         "generator_dtype": str(jnp.dtype(generator.dtype)),
         "tokenizer_params_fingerprint": params_fingerprint(shd.strip_boxes(tokenizer_params)),
         "generator_params_fingerprint": params_fingerprint(shd.strip_boxes(generator_variables)),
+        "gt_max_side": int(gt_max_side),
         **dict(metadata or {}),
     }
+    layout = tokenizer.layout
+    forced = np.asarray(layout.scales)[layout.scale_of_token()] <= int(gt_max_side)
     fields = {
         "generated": FieldSpec(np.dtype(np.uint8), (size, size, 3)),
         "image": FieldSpec(np.dtype(np.uint8), (size, size, 3)),
@@ -291,7 +297,7 @@ def generate_pairs(
     def make_job() -> _PairJob:
         return _PairJob(
             tokenizer, tokenizer_params, generator, generator_variables, source, chosen, size,
-            float(sigma), int(seed), settings, mesh, rules, num_threads,
+            float(sigma), int(seed), settings, jnp.asarray(forced), mesh, rules, num_threads,
         )
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -339,7 +339,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stag
                 process_count=jax.process_count(),
             )
             if data_state:
-                train_iter.set_state(data_state)
+                train_iter.set_state(data_state, step=start_step)
 
             batch_sharding, repl = sharded.batch_sharding, sharded.replicated
             frozen = jax.device_put(stage.frozen_params(), repl)

@@ -9,6 +9,11 @@ generator trained on the old tokens stays valid.
 
 Freezing is by pattern (:mod:`tokpost_jax.train.partition`, ``post.trainable``): frozen leaves get
 no optimizer state, a zero update, and their old values back in the update and the EMA.
+
+Both tokenizer families post-train here: :class:`PostTrainStage` (ViT VQ) and
+:class:`CODAPostTrainStage` (CODA: decoder-side LoRA by default; any pattern reaching upstream of
+the tokens — encoder with its LoRA, quant_conv, latent norm, codebook, q/k/v projections and
+norms, the values included, since they feed the residual — is refused).
 """
 
 from __future__ import annotations
@@ -21,10 +26,47 @@ import ml_collections
 from absl import logging
 
 from tokpost_jax import checkpoint as ckpt_lib
+from tokpost_jax.config_checks import ConfigValueError
 from tokpost_jax.train import optim
+from tokpost_jax.train.coda import CODAStage
 from tokpost_jax.train.partition import Partition
+from tokpost_jax.train.reconstruction import ReconstructionStage
 from tokpost_jax.train.state import TrainState
 from tokpost_jax.train.tokenizer import TokenizerStage
+
+#: Everything that determines a CODA token: never trainable in post-training.
+CODA_UPSTREAM = (
+    "vae/encoder/*", "vae/quant_conv/*", "quantizer/*", "latent_scale", "latent_shift",
+)
+
+
+def check_post_config(config: ml_collections.ConfigDict) -> None:
+    """Post-training starts from a main run and never perturbs."""
+    if config.perturbation.enabled:
+        raise ConfigValueError(
+            "perturbation.enabled", True, "must be False: post-training uses no latent "
+            "perturbation (robustok.md §9.2)",
+        )
+    if not (config.get("init_from") and config.init_from.get("workdir")):
+        raise ConfigValueError(
+            "init_from.workdir", None, "must name the main tokenizer run post-training starts from"
+        )
+
+
+def reuse_discriminator(stage: ReconstructionStage, state: TrainState) -> TrainState:
+    """The main run's discriminator weights and LeCAM EMAs in ``state`` when
+    ``post.reuse_discriminator`` (RobusTok's paper; its code re-initialises them)."""
+    if stage.gan is None or not stage.config.post.reuse_discriminator:
+        return state
+    src = os.path.join(stage.config.init_from.workdir, "checkpoints")
+    extra = ckpt_lib.load_params(src, key="extra")
+    if "disc" not in extra:
+        raise ckpt_lib.CheckpointError(
+            f"{src} has no discriminator state to reuse (was its GAN enabled?); set "
+            "post.reuse_discriminator=False to start the discriminator fresh"
+        )
+    logging.info("Post-training reuses the discriminator (and LeCAM EMAs) from %s.", src)
+    return state.replace(extra=stage.gan.reuse(state.extra, extra))
 
 
 class PostTrainStage(TokenizerStage):
@@ -36,15 +78,12 @@ class PostTrainStage(TokenizerStage):
     def __init__(
         self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
     ):
-        if config.perturbation.enabled:
-            raise ValueError("post-training uses no latent perturbation (robustok.md §9.2): "
-                             "set perturbation.enabled=False")
+        check_post_config(config)
         if config.dead_code_restart.every_steps:
-            raise ValueError("dead-code restart rewrites the codebook; post-training must keep "
-                             "it frozen: set dead_code_restart.every_steps=0")
-        if not (config.get("init_from") and config.init_from.get("workdir")):
-            raise ValueError("post-training starts from a main-training run: set "
-                             "init_from.workdir to the tokenizer's workdir")
+            raise ConfigValueError(
+                "dead_code_restart.every_steps", config.dead_code_restart.every_steps,
+                "must be 0: dead-code restart rewrites the codebook, which post-training keeps",
+            )
         super().__init__(config, total_steps, mesh)
         self.partition = Partition(tuple(config.post.trainable), what="post.trainable")
         self.tx = self.partition.optimizer(self.tx)
@@ -57,17 +96,26 @@ class PostTrainStage(TokenizerStage):
         return self.partition.keep_frozen(new, ema)
 
     def warm_start(self, state: TrainState, params: Any) -> TrainState:
-        """Main-training weights into params and EMA; the discriminator too when
-        ``post.reuse_discriminator`` (paper; the official code re-initialises it)."""
-        state = super().warm_start(state, params)
-        if self.gan is None or not self.config.post.reuse_discriminator:
-            return state
-        src = os.path.join(self.config.init_from.workdir, "checkpoints")
-        extra = ckpt_lib.load_params(src, key="extra")
-        if "disc" not in extra:
-            raise ckpt_lib.CheckpointError(
-                f"{src} has no discriminator state to reuse (was its GAN enabled?); set "
-                "post.reuse_discriminator=False to start the discriminator fresh"
-            )
-        logging.info("Post-training reuses the discriminator (and LeCAM EMAs) from %s.", src)
-        return state.replace(extra=self.gan.reuse(state.extra, extra))
+        """Main-training weights into params and EMA, and by default its discriminator."""
+        return reuse_discriminator(self, super().warm_start(state, params))
+
+
+class CODAPostTrainStage(CODAStage):
+    """CODA's decoder side trained on (generated → real) pairs; the token space stays bitwise."""
+
+    input_key = "generated"
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
+    ):
+        check_post_config(config)
+        super().__init__(config, total_steps, mesh)
+        self.partition = Partition(
+            tuple(config.post.trainable), must_freeze=CODA_UPSTREAM, what="post.trainable"
+        )
+
+    def load_pretrained(self, state: TrainState) -> TrainState:
+        return state  # everything comes from the main run (warm_start)
+
+    def warm_start(self, state: TrainState, params: Any) -> TrainState:
+        return reuse_discriminator(self, super().warm_start(state, params))
