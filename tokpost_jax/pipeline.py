@@ -52,6 +52,34 @@ def _copy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg.to_dict())
 
 
+def stage_done(directory: str) -> dict | None:
+    """The results a finished stage wrote to ``<directory>/DONE.json``, or None."""
+    path = os.path.join(directory, "DONE.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_stage(directory: str, name: str, fn: Callable[[], dict], what: str = "pipeline") -> dict:
+    """Runs ``fn`` in ``directory`` once: a finished stage (its DONE.json) is skipped, an
+    unfinished one reruns (the trainers, shard writers and evaluators resume themselves)."""
+    finished = stage_done(directory)
+    if finished is not None:
+        logging.info("Stage %s: done before, skipped.", name)
+        print(f"[{what}] {name}: done (skipped)", flush=True)
+        return finished
+    os.makedirs(directory, exist_ok=True)
+    print(f"[{what}] {name}: running", flush=True)
+    t0 = time.time()
+    result = fn()
+    result = {**result, "seconds": round(time.time() - t0, 1)}
+    if jax.process_index() == 0:
+        files.write_json(os.path.join(directory, "DONE.json"), result)
+    print(f"[{what}] {name}: finished in {result['seconds']:.0f}s", flush=True)
+    return result
+
+
 class Pipeline:
     """Stage configs derived from one pipeline config; every path under one workdir."""
 
@@ -93,27 +121,10 @@ class Pipeline:
 
     # ---- stage bookkeeping ---------------------------------------------------------------------
     def done(self, stage: str) -> dict | None:
-        path = os.path.join(self.dir(stage), "DONE.json")
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return json.load(f)
+        return stage_done(self.dir(stage))
 
     def run_stage(self, stage: str, fn: Callable[[], dict]) -> dict:
-        finished = self.done(stage)
-        if finished is not None:
-            logging.info("Stage %s: done before, skipped.", stage)
-            print(f"[pipeline] {stage}: done (skipped)", flush=True)
-            return finished
-        os.makedirs(self.dir(stage), exist_ok=True)
-        print(f"[pipeline] {stage}: running", flush=True)
-        t0 = time.time()
-        result = fn()
-        result = {**result, "seconds": round(time.time() - t0, 1)}
-        if jax.process_index() == 0:
-            files.write_json(os.path.join(self.dir(stage), "DONE.json"), result)
-        print(f"[pipeline] {stage}: finished in {result['seconds']:.0f}s", flush=True)
-        return result
+        return run_stage(self.dir(stage), stage, fn)
 
     # ---- stages --------------------------------------------------------------------------------
     def _train(self, config: ml_collections.ConfigDict, stage: str) -> dict:
