@@ -77,6 +77,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         dict(
             num_classes=1000 if paper else 10,
+            # A learned per-scale embedding on the positions of a multi-scale tokenizer's tokens
+            # (CODA's pyramid); off: RAR as published. An ablation field, zero at init.
+            scale_embed=False,
             size=config_lib.rar({"rar_b": "B", "rar_l": "L", "micro": "micro"}.get(arg, "tiny")),
         )
     )

@@ -8,6 +8,7 @@ interface (``layout``, ``codebook_size``, ``encode``, ``decode``), never model i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -114,3 +115,33 @@ def test_generator_trains_samples_with_teacher_forcing_and_decodes(two_scale, tm
                 assert masks.all()
             else:
                 assert 0.2 < masks.mean() < 0.8
+
+
+def test_scale_embedding_option_keeps_the_kv_cache_exact(two_scale):
+    """The per-scale position embedding (an ablation for pyramids) flows through the cached
+    sampler exactly as through the full forward."""
+    from tokpost_jax import sampling
+
+    cfg, *_ = two_scale
+    gen_cfg = config_lib.load_config_file("configs/rar.py", "micro", lock=False)
+    gen_cfg.tokenizer = cfg
+    gen_cfg.model.scale_embed = True
+    generator = build.generator(gen_cfg)
+    assert generator.scale_of_token == (0,) * 9 + (1,) * 16
+    n = generator.num_tokens
+    variables = generator.init(jax.random.PRNGKey(0), jnp.zeros((2, n), jnp.int32),
+                               jnp.zeros((2,), jnp.int32), jnp.tile(jnp.arange(n), (2, 1)))
+    variables = nn.unbox(variables)
+    params = variables["params"]
+    params["scale_embed"] = jax.random.normal(jax.random.PRNGKey(1), params["scale_embed"].shape)
+    labels = jnp.asarray([1, 2], jnp.int32)
+    kw = dict(guidance=2.0, power=1.0, temperature=1.0)
+    cached = sampling.sample(generator, {"params": params}, labels, jax.random.PRNGKey(2), **kw)
+    full = sampling.sample(generator, {"params": params}, labels, jax.random.PRNGKey(2),
+                           use_cache=False, **kw)
+    np.testing.assert_array_equal(np.asarray(cached), np.asarray(full))
+    plain = dict(params)
+    del plain["scale_embed"]
+    no_scale = dataclasses.replace(generator, scale_of_token=())
+    other = sampling.sample(no_scale, {"params": plain}, labels, jax.random.PRNGKey(2), **kw)
+    assert not np.array_equal(np.asarray(other), np.asarray(cached))

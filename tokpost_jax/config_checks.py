@@ -712,6 +712,7 @@ POST_TRAIN_RULES: tuple[Any, ...] = (
 GENERATOR_RULES: tuple[Any, ...] = (
     *COMMON_RULES,
     integer("model.num_classes", lo=1),
+    boolean("model.scale_embed"),
     *vit_rules("model.size"),
     number("model.size.dropout", lo=0, below=1),
     number("model.size.attn_dropout", lo=0, below=1),

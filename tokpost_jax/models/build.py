@@ -114,6 +114,9 @@ def generator(config: ml_collections.ConfigDict) -> RAR:
         dropout=m.size.dropout,
         attn_dropout=m.size.attn_dropout,
         dtype=jnp.dtype(config.dtype),
+        scale_of_token=(
+            tuple(int(k) for k in tok.layout.scale_of_token()) if m.get("scale_embed") else ()
+        ),
     )
 
 

@@ -219,6 +219,9 @@ class RAR(nn.Module):
 
     ``extra_positions`` / ``extra_timesteps`` keep RAR's table lengths (N + 1024, N + 100): the
     extra rows are never read, but the shapes (and parameter counts) match upstream checkpoints.
+    ``scale_of_token`` (a multi-scale tokenizer's layout, one scale index per flat position; empty:
+    off) adds a learned per-scale embedding, zero at init, to the position embedding of every
+    image slot: an ablation for coarse → fine pyramids, not part of RAR.
     """
 
     codebook_size: int
@@ -233,6 +236,7 @@ class RAR(nn.Module):
     dtype: Any = jnp.float32
     extra_positions: int = 1024
     extra_timesteps: int = 100
+    scale_of_token: tuple[int, ...] = ()
 
     def setup(self) -> None:
         if self.width % self.num_heads:
@@ -248,6 +252,15 @@ class RAR(nn.Module):
         self.target_aware_pos_embed = self.param(
             "target_aware_pos_embed", logical(INIT, (None, "embed")), (n_pos, w)
         )
+        if self.scale_of_token:
+            if len(self.scale_of_token) != self.num_tokens:
+                raise ValueError(
+                    f"scale_of_token has {len(self.scale_of_token)} entries for "
+                    f"{self.num_tokens} tokens"
+                )
+            self.scale_embed = self.param(
+                "scale_embed", logical(ZEROS, (None, "embed")), (max(self.scale_of_token) + 1, w)
+            )
         self.timesteps_embeddings = self.param(
             "timesteps_embeddings",
             logical(INIT, (None, "embed")),
@@ -266,6 +279,13 @@ class RAR(nn.Module):
         ]
         self.final_layer = FinalLayer(self.dtype, name="adaln_before_head")
         self.lm_head = _dense(self.codebook_size, ("embed", "vocab"), self.dtype, "lm_head")
+
+    def _positions(self) -> jax.Array:
+        """The position table, with the per-scale embedding on the image slots when enabled."""
+        if not self.scale_of_token:
+            return self.pos_embed
+        scale = self.scale_embed[jnp.asarray(self.scale_of_token)]
+        return self.pos_embed.at[PREFIX : PREFIX + self.num_tokens].add(scale)
 
     def _class_embedding(self, labels: jax.Array) -> jax.Array:
         return self.embeddings[labels + self.codebook_size + 1]
@@ -287,7 +307,7 @@ class RAR(nn.Module):
             raise ValueError(f"expected {self.num_tokens} tokens, got {n}")
         cond = self._class_embedding(labels)  # [B, W]
         image = self.embeddings[permute_tokens(tokens, orders)]  # [B, N, W]
-        pos = self.pos_embed
+        pos = self._positions()
         cls = jnp.broadcast_to(self.cls_token + pos[0], (batch, 1, self.width))
         x = jnp.concatenate([cls, (cond + pos[1])[:, None], image + pos[PREFIX + orders]], axis=1)
         # Slot i (class slot, image slots 1..N-1) is told the position of the token it predicts.
@@ -316,7 +336,7 @@ class RAR(nn.Module):
         """Writes the [cls, class] prefix (raster order); returns logits [B, K] for token 0."""
         batch = labels.shape[0]
         cond = self._class_embedding(labels)
-        pos = self.pos_embed
+        pos = self._positions()
         cls = jnp.broadcast_to(self.cls_token + pos[0], (batch, self.width))
         cls_slot = cond + pos[1] + self.target_aware_pos_embed[PREFIX]
         x = jnp.stack([cls, cls_slot], axis=1)
@@ -328,7 +348,7 @@ class RAR(nn.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Feeds image token ``index`` (raster); returns logits [B, K] for token ``index + 1``."""
         slot = index + PREFIX
-        x = self.embeddings[token] + self.pos_embed[slot]
+        x = self.embeddings[token] + self._positions()[slot]
         # Target-aware embedding of the next position (raster: index + 1); none after the last.
         nxt = jnp.minimum(slot + 1, self.target_aware_pos_embed.shape[0] - 1)
         has_next = index < self.num_tokens - 1
