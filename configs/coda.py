@@ -220,6 +220,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     )
     c.mesh = config_lib.mesh()
     c.sharding_rules = config_lib.DEFAULT_SHARDING_RULES
+    c.eval_at_start = True  # step 0: the untrained adapter (with fid_eval due, an rFID too)
     c.log_every_steps = 50
     c.eval_every_steps = 600
     c.checkpoint_every_steps = 200

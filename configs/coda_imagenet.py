@@ -29,10 +29,8 @@ COMMAND (train; TPU pod or GPU node, ImageNet prepared by tfds, weights as local
 COMMAND (evaluate a released checkpoint, HF ``shuidi0020/CODA``: ``mar_v16384``,
 ``flux_v65536``; a folder with vae_ema.pth + quantizer_ema.pth):
   python -m tokpost_jax.cli.eval_tokenizer --config=configs/coda_imagenet.py:mar \
-      --workdir=runs/coda_mar_release --config.model.coda_init=/weights/CODA/mar_v16384 \
+      --weights=/weights/CODA/mar_v16384 --out=runs/coda_mar_release \
       --config.data.data_dir=gs://bucket/tfds --config.fid_eval.num_images=50000
-  (Not yet: metrics/tokenizer.py::evaluate_checkpoint still loads <workdir>/checkpoints and
-  ignores model.coda_init; the reconstruct command below reads releases today.)
 
 COMMAND (tokens and reconstructions of your own images with a released checkpoint):
   python -m tokpost_jax.cli.reconstruct --config=configs/coda_imagenet.py:mar \
@@ -149,6 +147,7 @@ def get_config(arg: str = "mar") -> ml_collections.ConfigDict:
     c.fid_eval.update(every_steps=steps_per_epoch, num_images=50_000, batch_size=EVAL_BATCH,
                       pfid=False, seed=0)
     c.mesh = config_lib.mesh(data=-1, fsdp=1)
+    c.eval_at_start = False  # a 50k rFID of the untrained adapter is an hour of nothing
     c.log_every_steps = 100
     c.eval_every_steps = steps_per_epoch  # the official eval runs after every epoch
     c.checkpoint_every_steps = 1_000

@@ -56,6 +56,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tokpost_jax.checkpoint import CheckpointError
     from tokpost_jax.config_checks import ConfigError
     from tokpost_jax.convert.inception_weights import InceptionWeightsError
+    from tokpost_jax.convert.klvae import VAEImportError
+    from tokpost_jax.convert.timm_vit import ViTImportError
     from tokpost_jax.convert.torchscript import TorchCheckpointError
     from tokpost_jax.data import DataError
     from tokpost_jax.files import DiskFullError
@@ -66,7 +68,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (DataError, CheckpointError, NonFiniteLossError, FileNotFoundError,
             InceptionWeightsError, ReferenceError, ConfigError, DiskFullError,
-            WorkdirLockedError, TorchCheckpointError, StatisticsError)
+            WorkdirLockedError, TorchCheckpointError, StatisticsError, VAEImportError,
+            ViTImportError)
 
 
 def exit_with(e: BaseException) -> None:

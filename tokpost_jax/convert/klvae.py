@@ -415,9 +415,13 @@ def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
             for path, v in leaves}
 
 
-def _list(title: str, items: Iterable[str]) -> str:
+def _list(title: str, items: Iterable[str], show: int = 12) -> str:
+    """``title (n): a, b, … and k more``: every problem counted, the first ``show`` named."""
     items = list(items)
-    return f"{title} ({len(items)}): {', '.join(items)}" if items else ""
+    if not items:
+        return ""
+    more = f" and {len(items) - show} more" if len(items) > show else ""
+    return f"{title} ({len(items)}): {', '.join(items[:show])}{more}"
 
 
 def ldm_to_flax(

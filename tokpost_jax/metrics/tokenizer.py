@@ -339,27 +339,35 @@ def pfid_plot(grid_fids: Mapping[str, float], grid: PerturbationGrid) -> np.ndar
 def evaluate_checkpoint(
     config: Any, workdir: str, params_key: str = "ema_params", out_dir: str | None = None
 ) -> dict[str, float]:
-    """rFID/pFID/... of a tokenizer run's latest readable checkpoint; writes ``metrics.json`` and
-    the pFID plot to ``out_dir`` (default ``<workdir>/eval``) and returns the scalars."""
-    from tokpost_jax import sharding as shd
+    """rFID/pFID/... of a tokenizer run's latest readable checkpoint (see
+    :func:`evaluate_params`); ``out_dir`` defaults to ``<workdir>/eval``."""
     from tokpost_jax.checkpoint import load_params
+
+    params = load_params(os.path.join(workdir, "checkpoints"), key=params_key)
+    return evaluate_params(config, params, out_dir or os.path.join(workdir, "eval"), params_key)
+
+
+def evaluate_params(
+    config: Any, params: Any, out_dir: str, label: str = "ema_params"
+) -> dict[str, float]:
+    """rFID/pFID/PSNR/SSIM/LPIPS/usage of host tokenizer ``params`` over the config's eval
+    split; writes ``metrics.json`` (tagged ``label``) and the pFID plot to ``out_dir``."""
+    from tokpost_jax import sharding as shd
     from tokpost_jax.convert.lpips_weights import load_lpips_params
     from tokpost_jax.models import build
 
     rules = shd.rules_tuple(config.sharding_rules)
     mesh = shd.make_mesh(config.mesh)
-    params = load_params(os.path.join(workdir, "checkpoints"), key=params_key)
     model = build.tokenizer(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         evaluator = evaluator_from_config(config, model, mesh, rules, lpips=build.lpips())
         lpips_params = jax.device_put(load_lpips_params(), shd.replicated(mesh))
         scalars, grid_fids = evaluate_split(evaluator, config, params, lpips_params)
-    out_dir = out_dir or os.path.join(workdir, "eval")
     result = {**scalars, **grid_fids}
     if jax.process_index() == 0:
         if grid_fids and evaluator.grid is not None:
             images_lib.save_png(
                 pfid_plot(grid_fids, evaluator.grid), os.path.join(out_dir, "pfid_grid.png")
             )
-        files.write_json(os.path.join(out_dir, "metrics.json"), {"params": params_key, **result})
+        files.write_json(os.path.join(out_dir, "metrics.json"), {"params": label, **result})
     return result
