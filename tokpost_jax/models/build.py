@@ -51,19 +51,11 @@ def _coda(config: ml_collections.ConfigDict) -> CODATokenizer:
             f"model.vae.resolution={vae['resolution']} must equal data.image_size="
             f"{config.data.image_size} (the VAE places its attention by resolution)"
         )
-    q = m.quantizer
     return CODATokenizer(
         vae_config=vae,
         codebook_size=m.codebook_size,
         scales=tuple(m.scales),
-        attn_dim=q.attn_dim,
-        norm=q.norm,
-        beta=q.beta,
-        entropy_temperature=q.entropy_temperature,
-        entropy_groups=q.entropy_groups,
-        assignment=q.assignment,
-        nearest_beta=q.nearest_beta,
-        remat=q.remat,
+        quantizer_config=m.quantizer.to_dict(),
         eval_posterior=m.eval_posterior,
         perturb_min_side=config.perturbation.get("min_side", 1),
         dtype=jnp.dtype(config.dtype),

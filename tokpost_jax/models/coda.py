@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from tokpost_jax.models.coda_quantizer import CODAQuantizer, MultiScaleQuantized
+from tokpost_jax.models.interface import TokenizerInterface
 from tokpost_jax.models.klvae import build_klvae
 from tokpost_jax.models.layout import TokenLayout
 from tokpost_jax.models.perturbation import Perturbation, perturb_from_ranks
@@ -32,20 +33,13 @@ POSTERIOR_MODES = ("mean", "sample")
 NEIGHBOURS = ("feature", "value", "key")
 
 
-class CODATokenizer(nn.Module):
+class CODATokenizer(TokenizerInterface, nn.Module):
     """The CODA tokenizer; fields mirror ``config.model`` of ``configs/coda.py``."""
 
     vae_config: dict  # KLVAE fields (config_lib.klvae(...)), LoRA rank and patterns included
     codebook_size: int
     scales: tuple[int, ...]
-    attn_dim: int = 32
-    norm: str = "rms"
-    beta: float = 0.05
-    entropy_temperature: float = 0.01
-    entropy_groups: int = 1
-    assignment: str = "attention"
-    nearest_beta: float = 0.25
-    remat: bool = False
+    quantizer_config: dict  # the other CODAQuantizer fields (configs/coda.py model.quantizer)
     # Tokens (encode / reconstruct / pFID) from the posterior mean (deterministic; ours) or a
     # posterior sample (the official eval, which needs an rng stream "posterior").
     eval_posterior: str = "mean"
@@ -62,14 +56,7 @@ class CODATokenizer(nn.Module):
             codebook_size=self.codebook_size,
             dim=int(self.vae_config["z_channels"]),
             scales=tuple(self.scales),
-            attn_dim=self.attn_dim,
-            norm=self.norm,
-            beta=self.beta,
-            entropy_temperature=self.entropy_temperature,
-            entropy_groups=self.entropy_groups,
-            assignment=self.assignment,
-            nearest_beta=self.nearest_beta,
-            remat=self.remat,
+            **self.quantizer_config,
         )
         z = int(self.vae_config["z_channels"])
         self.latent_scale = self.param("latent_scale", nn.initializers.ones, (z,))
@@ -101,14 +88,6 @@ class CODATokenizer(nn.Module):
     def decode(self, indices: jax.Array) -> jax.Array:
         """Token indices [B, L] → images, clamped to [-1, 1]."""
         return jnp.clip(self.decode_latent(self.quantizer.lookup(indices)), -1.0, 1.0)
-
-    def reconstruct(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        recon, q = self(images, deterministic=True)
-        return jnp.clip(recon, -1.0, 1.0), q.indices
-
-    def perturbed_reconstruct(self, images: jax.Array, perturbation: Perturbation) -> jax.Array:
-        recon, _ = self(images, deterministic=True, perturbation=perturbation)
-        return jnp.clip(recon, -1.0, 1.0)
 
     # ---- training forward ----------------------------------------------------------------------
     def quantize(

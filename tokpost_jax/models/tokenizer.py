@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokpost_jax.models.interface import TokenizerInterface
 from tokpost_jax.models.layout import TokenLayout
 from tokpost_jax.models.perturbation import Perturbation, perturb_codes
 from tokpost_jax.models.quantizer import L2VectorQuantizer, Quantized
@@ -144,16 +145,14 @@ class ViTDecoder(_LatentViT):
         return unpatchify(pixels, self.patch_size, (grid, grid))
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(TokenizerInterface, nn.Module):
     """Encoder → quant projection (width→d) → L2 VQ → post-quant projection (d→width) → decoder.
 
     Attributes mirror ``config.model`` (see ``configs/tokenizer.py``); ``encoder`` and ``decoder``
     are dicts of ViT sizes (width, depth, num_heads, mlp_dim, drop_path, layerscale_init).
 
-    The tokenizer interface every later stage uses (pretokenize, generator, pairs, post-training,
-    rFID/pFID, gFID): ``layout`` and ``codebook_size``; ``encode``, ``decode``, ``reconstruct``
-    and ``perturbed_reconstruct`` (apply them with ``method=``); ``__call__`` is the training
-    forward. The ViT tokenizer's layout is one square scale.
+    The tokenizer interface (:mod:`tokpost_jax.models.interface`); apply its methods with
+    ``method=``. The ViT tokenizer's layout is one square scale.
     """
 
     image_size: int
@@ -215,16 +214,6 @@ class Tokenizer(nn.Module):
     def decode(self, indices: jax.Array) -> jax.Array:
         """Token indices [B, L] → images [B, H, W, 3], clamped to [-1, 1]."""
         return jnp.clip(self.decode_codes(self.quantizer.lookup(indices), True), -1.0, 1.0)
-
-    def reconstruct(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(clamped reconstruction, token indices [B, L]) in one deterministic pass."""
-        recon, q = self(images, deterministic=True)
-        return jnp.clip(recon, -1.0, 1.0), q.indices
-
-    def perturbed_reconstruct(self, images: jax.Array, perturbation: Perturbation) -> jax.Array:
-        """The clamped decode of perturbed tokens (pFID): the training forward's own path."""
-        recon, _ = self(images, deterministic=True, perturbation=perturbation)
-        return jnp.clip(recon, -1.0, 1.0)
 
     def codebook(self) -> jax.Array:
         """The l2-normalised codebook [K, d]."""
