@@ -630,6 +630,8 @@ def load_vae(
     path = os.fspath(path_or_workdir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"KL-VAE checkpoint not found: {path}")
+    if os.path.isdir(os.path.join(path, "checkpoints")):  # a run's workdir
+        path = os.path.join(path, "checkpoints")
     if os.path.isdir(path):
         found = next((f for f in _VAE_FILES if os.path.isfile(os.path.join(path, f))), None)
         if found is not None:
