@@ -271,6 +271,26 @@ def test_load_vae_from_a_tokpost_workdir(tmp_path):
     tree_equal(loaded, params)
 
 
+def test_a_vae_run_feeds_a_lora_config(tmp_path):
+    """CODA adapts an in-project VAE run: its workdir (checkpoints/ inside) gives the base
+    weights, the LoRA adapters the config adds start from their init."""
+    cfg = config_lib.klvae("micro")
+    params, _ = ldm_to_flax(synthetic(cfg, seed=6), cfg)
+    ckpt = Checkpointer(tmp_path / "vae_run" / "checkpoints", asynchronous=False)
+    ckpt.save(30, {"params": params, "ema_params": params}, {}, {})
+    ckpt.close()
+    lora_cfg = config_lib.klvae("micro", lora_rank=2, lora_patterns=("conv1",))
+    init = build_klvae(lora_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+    init = jax.tree.map(np.asarray, nn.unbox(init)["params"])
+    loaded, report = load_vae(tmp_path / "vae_run", lora_cfg, init_params=init)
+    assert report.layout == "tokpost" and report.fresh_lora
+    block = loaded["encoder"]["down_0"]["block_0"]["conv1"]
+    np.testing.assert_array_equal(block["kernel"],
+                                  params["encoder"]["down_0"]["block_0"]["conv1"]["kernel"])
+    np.testing.assert_array_equal(block["lora_down"],
+                                  init["encoder"]["down_0"]["block_0"]["conv1"]["lora_down"])
+
+
 # ---- CODA quantizer and released checkpoints ----------------------------------------------------
 def test_quantizer_official_names_round_trip(golden):
     sd = fixture_sd(golden, "quant/sd/")

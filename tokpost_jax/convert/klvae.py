@@ -632,6 +632,7 @@ def load_vae(
         raise FileNotFoundError(f"KL-VAE checkpoint not found: {path}")
     if os.path.isdir(os.path.join(path, "checkpoints")):  # a run's workdir
         path = os.path.join(path, "checkpoints")
+    sd = None
     if os.path.isdir(path):
         found = next((f for f in _VAE_FILES if os.path.isfile(os.path.join(path, f))), None)
         if found is not None:
@@ -639,18 +640,18 @@ def load_vae(
         elif _is_checkpoint_dir(path):
             from tokpost_jax.checkpoint import load_params
 
-            tree = _vae_subtree(load_params(path, key="ema_params"), path)
-            params, report = ldm_to_flax(flax_to_ldm(tree), cfg, dtype=dtype, source=path)
-            return params, report._replace(layout="tokpost")
+            sd = flax_to_ldm(_vae_subtree(load_params(path, key="ema_params"), path))
+            layout = "tokpost"
         else:
             raise VAEImportError(f"{path}: neither a tokpost workdir nor a folder with one of "
                                  f"{list(_VAE_FILES)}")
-    sd = read_state_dict(path)
-    if any(k.startswith(_QUANT_TOPS) for k in sd):
-        sd = split_coda_state_dict(sd)[0]
-    layout = detect_layout({k.removeprefix("model."): v for k, v in sd.items()})
-    if layout == "diffusers":
-        sd = diffusers_to_ldm({k.removeprefix("model."): v for k, v in sd.items()})
+    if sd is None:
+        sd = read_state_dict(path)
+        if any(k.startswith(_QUANT_TOPS) for k in sd):
+            sd = split_coda_state_dict(sd)[0]
+        layout = detect_layout({k.removeprefix("model."): v for k, v in sd.items()})
+        if layout == "diffusers":
+            sd = diffusers_to_ldm({k.removeprefix("model."): v for k, v in sd.items()})
     params, report = ldm_to_flax(sd, cfg, dtype=dtype, source=path)
     if report.fresh_lora:
         if init_params is None:
