@@ -210,7 +210,8 @@ class KLVAE(nn.Module):
     """LDM KL-VAE; presets in ``config_lib.KLVAE_SIZES``, built with :func:`build_klvae`.
 
     Methods (call with ``apply(..., method=...)``): :meth:`encode_moments`, :meth:`decode`,
-    :meth:`sample_posterior` (noise from the ``"posterior"`` rng stream) and :meth:`kl`.
+    :meth:`sample_posterior` (noise from the ``"posterior"`` rng stream), :meth:`kl` and
+    :meth:`reconstruct`.
     """
 
     ch: int = 128
@@ -272,6 +273,12 @@ class KLVAE(nn.Module):
     def kl(self, mean: jax.Array, logvar: jax.Array) -> jax.Array:
         """LDM's per-image KL sum against N(0, 1), [B]."""
         return gaussian_kl(mean, logvar)
+
+    def reconstruct(self, images: jax.Array) -> tuple[jax.Array, None]:
+        """(clipped decode of the posterior mean, None): the evaluators' interface of a
+        continuous tokenizer (no token indices)."""
+        recon, _, _ = self(images)
+        return jnp.clip(recon, -1.0, 1.0), None
 
     def __call__(self, x: jax.Array, sample: bool = False
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
