@@ -14,6 +14,10 @@ COMMAND (with LPIPS and the PatchGAN, as LDM trains its VAEs):
   python -m tokpost_jax.main --config=configs/klvae.py:demo --workdir=runs/klvae_gan \
       --config.loss.lpips_weight=1.0 --config.gan.enabled=True
 
+Expected (demo; 2 CPU cores shared with other jobs, load average ~3, 6 min 39 s wall): EMA val
+PSNR 6.48 -> 25.01 dB, SSIM 0.943, LPIPS 0.056, latent_std 1.83, posterior_std 0.045. The step
+is 0.33 s at batch 32 (benchmarks/klvae_step.py); each evaluation ~50 s, the first ~100 s.
+
 The EMA val ``latent_std`` of the final evaluation is what CODA's latent scale is made from
 (scale = 1/latent_std, as LDM's scale_factor); ``posterior_std`` shows how deterministic the
 latent is (small with kl_weight 1e-6).
