@@ -294,3 +294,16 @@ def test_bad_vae_configs_are_one_line_errors():
         VAEStage(micro(**{"fid_eval.pfid": True}), 30, mesh)
     with pytest.raises(ValueError, match=re.escape("resolution=16 must equal data.image_size=32")):
         build.vae(micro(**{"data.image_size": 32}))
+
+
+@pytest.mark.slow  # one Inception compile: ~1-2 min on 2 CPU cores
+def test_rfid_of_the_ema_weights_when_fid_eval_is_due(trained):
+    _, run, _ = trained
+    fid_cfg = micro(**{"fid_eval.every_steps": 30, "fid_eval.num_images": 16,
+                       "fid_eval.batch_size": 8})
+    stage = VAEStage(fid_cfg, fid_cfg.total_steps, run.mesh)
+    with run:
+        results = stage.evaluate(run.state, 30, {"lpips": None})
+    fid = results["fid_ema"]
+    assert fid["num_images"] == 16 and np.isfinite(fid["rfid"]) and fid["rfid"] > 0
+    assert "pfid" not in fid and "codebook_usage" not in fid
