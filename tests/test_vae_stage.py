@@ -23,8 +23,9 @@ from tokpost_jax.models import build
 from tokpost_jax.models.klvae import gaussian_kl
 from tokpost_jax.train import loop
 from tokpost_jax.train.loop import ShardedStage
+from tokpost_jax.train.partition import param_at as get_path
 from tokpost_jax.train.state import step_rng, stream
-from tokpost_jax.train.vae import VAEStage, get_path
+from tokpost_jax.train.vae import VAEStage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = os.path.join(REPO, "configs/klvae.py:micro")

@@ -569,6 +569,25 @@ def _square_sides(v: Any, env: Env) -> bool:
     return ok and list(v) == sorted(v)
 
 
+#: The GAN side (tokpost_jax.train.gan), for every autoencoder stage.
+GAN_RULES: tuple[Any, ...] = (
+    boolean("gan.enabled"),
+    one_of("gan.discriminator", ("dino", "patch"), when=_enabled("gan")),
+    number("gan.start", lo=0, when=_enabled("gan")),
+    number("gan.weight", lo=0, when=_enabled("gan")),
+    number("gan.adaptive_max", above=0, when=_enabled("gan")),
+    number("gan.adaptive_eps", above=0, when=_enabled("gan")),
+    integer("gan.adaptive_weight_groups", lo=1, when=_enabled("gan")),
+    number("gan.lecam_weight", lo=0, when=_enabled("gan")),
+    number("gan.lecam_decay", lo=0, hi=1, when=_enabled("gan")),
+    integer("gan.dino_image_size", lo=1, when=_enabled("gan")),
+    integer("gan.patch_channels", lo=1, when=_enabled("gan")),
+    integer("gan.patch_layers", lo=1, when=_enabled("gan")),
+    one_of("gan.ramp", ("none", "linear"), when=_enabled("gan")),
+    text("gan.adaptive_param", when=_enabled("gan")),
+    Within("gan", optim_rules("optim"), when=_enabled("gan")),
+)
+
 #: The tokenizer families' own fields (models/build.py), by ``model.kind``.
 TOKENIZER_MODEL_RULES: tuple[Any, ...] = (
     one_of("model.kind", ("vit_vq", "coda")),
@@ -620,21 +639,7 @@ RECONSTRUCTION_RULES: tuple[Any, ...] = (
            when=lambda env: _enabled_in(env, "perturbation") and _kind("coda")(env)),
     integer("perturbation.group_size", lo=0, when=_enabled("perturbation")),
     integer("perturbation.min_side", lo=1, when=_enabled("perturbation")),
-    boolean("gan.enabled"),
-    one_of("gan.discriminator", ("dino", "patch"), when=_enabled("gan")),
-    number("gan.start", lo=0, when=_enabled("gan")),
-    number("gan.weight", lo=0, when=_enabled("gan")),
-    number("gan.adaptive_max", above=0, when=_enabled("gan")),
-    number("gan.adaptive_eps", above=0, when=_enabled("gan")),
-    integer("gan.adaptive_weight_groups", lo=1, when=_enabled("gan")),
-    number("gan.lecam_weight", lo=0, when=_enabled("gan")),
-    number("gan.lecam_decay", lo=0, hi=1, when=_enabled("gan")),
-    integer("gan.dino_image_size", lo=1, when=_enabled("gan")),
-    integer("gan.patch_channels", lo=1, when=_enabled("gan")),
-    integer("gan.patch_layers", lo=1, when=_enabled("gan")),
-    one_of("gan.ramp", ("none", "linear"), when=_enabled("gan")),
-    text("gan.adaptive_param", when=_enabled("gan")),
-    Within("gan", optim_rules("optim"), when=_enabled("gan")),
+    *GAN_RULES,
     *_fid_eval_rules(),
 )
 
@@ -653,22 +658,34 @@ VAE_RULES: tuple[Any, ...] = (
     *COMMON_RULES,
     one_of("model.kind", ("klvae",)),
     equals("model.resolution", "data.image_size"),
+    integer("model.ch", lo=1),
+    integer("model.norm_groups", lo=1),
+    multiple_of("model.ch", "model.norm_groups"),
+    Rule("model.ch_mult", lambda v, env: isinstance(v, Sequence) and len(v) > 0
+         and all(_is_int(m) and m >= 1 for m in v), "must be a non-empty sequence of ints >= 1"),
+    Rule("data.image_size", lambda v, env: _is_int(v) and isinstance(
+        env.get("model.ch_mult"), Sequence) and v % 2 ** (len(env.get("model.ch_mult")) - 1) == 0,
+        "must be divisible by 2^(len(model.ch_mult) - 1), the VAE's stride"),
     integer("model.z_channels", lo=1),
     integer("model.num_res_blocks", lo=1),
+    integer("model.lora_rank", lo=0),
+    boolean("model.use_quant_conv"),
+    boolean("model.use_post_quant_conv"),
     one_of("schedule_unit", ("step", "epoch")),
     batch("eval_batch_size"),
     Weights("loss"),
-    boolean("gan.enabled"),
-    one_of("gan.discriminator", ("dino", "patch"), when=_enabled("gan")),
-    number("gan.weight", lo=0, when=_enabled("gan")),
-    one_of("gan.ramp", ("none", "linear"), when=_enabled("gan")),
-    text("gan.adaptive_param", when=_enabled("gan")),
-    Within("gan", optim_rules("optim"), when=_enabled("gan")),
+    number("loss.lpips_dropout", lo=0, below=1),
+    *GAN_RULES,
+    Rule("gan.adaptive_param", lambda v, env: isinstance(v, str) and v.split("/")[0] in (
+        "encoder", "quant_conv", "post_quant_conv", "decoder"),
+        "must be a KL-VAE parameter path, e.g. 'decoder/conv_out/kernel'", when=_enabled("gan")),
     Rule("fid_eval.pfid", lambda v, env: v is False,
          "must be False: pFID perturbs discrete tokens, a continuous VAE has none"),
     integer("fid_eval.every_steps", lo=0),
     integer("fid_eval.num_images", lo=1, when=_runs("fid_eval")),
     batch("fid_eval.batch_size", when=_runs("fid_eval")),
+    integer("fid_eval.seed", lo=0),
+    one_of("fid_eval.frechet_method", ("eigh", "sqrtm")),
 )
 
 #: CODA (tokpost_jax.train.coda): LoRA + quantizer on a frozen VAE.

@@ -92,6 +92,20 @@ def usage_scalars(counts: np.ndarray, sides: Sequence[int]) -> dict[str, float]:
     return out
 
 
+LATENT_SUMS = ("latent_sum", "latent_square", "posterior_std_sum", "latent_count")
+
+
+def latent_scalars(sums: Mapping[str, float]) -> dict[str, float]:
+    """latent_mean / latent_std / posterior_std from the float64 sums of a pass."""
+    count = max(sums["latent_count"], 1.0)
+    mean = sums["latent_sum"] / count
+    return {
+        "latent_mean": mean,
+        "latent_std": float(np.sqrt(max(sums["latent_square"] / count - mean**2, 0.0))),
+        "posterior_std": sums["posterior_std_sum"] / count,
+    }
+
+
 @dataclasses.dataclass
 class Evaluation:
     """One parameter set's results; ``images`` holds uint8 reconstructions kept for a grid."""
@@ -105,7 +119,10 @@ class TokenizerEvaluator:
     """PSNR / SSIM / MSE / LPIPS / usage, and with an Inception extractor rFID and pFID.
 
     A continuous tokenizer (a VAE: ``reconstruct`` returns ``(recon, None)`` and the module has
-    no ``codebook_size``) gets everything but the codebook statistics and pFID.
+    no ``codebook_size``) gets everything but the codebook statistics and pFID, and its latent
+    statistics instead (with an ``encode_moments`` method): ``latent_mean`` and ``latent_std``
+    over every entry of the posterior means (a tokenizer built on it takes 1/latent_std as its
+    latent scale) and ``posterior_std``, the mean of e^(logvar/2).
     """
 
     def __init__(
@@ -160,6 +177,15 @@ class TokenizerEvaluator:
             shape = (self.layout.num_scales, self.model.codebook_size)
             scale = jnp.broadcast_to(self._scale_of_token, indices.shape)
             counts = jnp.zeros(shape, jnp.float32).at[scale, indices].add(m[:, None])
+        elif hasattr(self.model, "encode_moments"):
+            mean, logvar = self.model.apply({"params": params}, images, method="encode_moments")
+            w = jnp.broadcast_to(m[:, None, None, None], mean.shape)
+            sums.update(
+                latent_sum=jnp.sum(mean * w),
+                latent_square=jnp.sum(jnp.square(mean) * w),
+                posterior_std_sum=jnp.sum(jnp.exp(0.5 * logvar) * w),
+                latent_count=jnp.sum(w),
+            )
         feats = None
         if inc is not None:
             feats = {
@@ -260,7 +286,10 @@ class TokenizerEvaluator:
         results = {}
         for name, s in state.items():
             n = max(num_real, 1.0)
+            latent = {k: s["totals"].pop(k) for k in LATENT_SUMS if k in s["totals"]}
             scalars = {k: v / n for k, v in s["totals"].items()}
+            if latent:
+                scalars.update(latent_scalars(latent))
             if self.discrete:
                 scalars.update(usage_scalars(s["counts"], self.layout.scales))
             scalars["num_images"] = float(num_real)

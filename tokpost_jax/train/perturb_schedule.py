@@ -21,9 +21,9 @@ class PerturbationSchedule:
     ``anneal_start``/``anneal_end`` (1 for steps, steps per epoch for epochs)."""
 
     def __init__(self, config: ml_collections.ConfigDict, steps_per_unit: float):
-        self.cfg = p = config.perturbation
+        self.cfg = p = config.get("perturbation")
         self.steps_per_unit = steps_per_unit
-        if not p.enabled:
+        if not self.enabled:
             return
         group = p.group_size or config.batch_size
         if config.batch_size % group:
@@ -41,7 +41,8 @@ class PerturbationSchedule:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.cfg.enabled)
+        """Configured and on (a continuous autoencoder's config has no perturbation block)."""
+        return self.cfg is not None and bool(self.cfg.enabled)
 
     def values(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(α, δ) at ``step``."""

@@ -1,10 +1,11 @@
-"""What every tokenizer stage shares (ViT VQ, its post-training, CODA): the reconstruction loss,
-the quantizer's weighted losses, the GAN side, the latent-perturbation schedule, the frozen
-networks, and the raw + EMA evaluation through the one reconstruction evaluator.
+"""What every autoencoder stage shares (ViT VQ, its post-training, CODA, the KL-VAE): the
+reconstruction loss, the quantizer's weighted losses, the GAN side, the latent-perturbation
+schedule, the frozen networks, and the raw + EMA evaluation through the one reconstruction
+evaluator.
 
 A family's stage subclasses :class:`ReconstructionStage` and writes only its ``init`` and
 ``train_step`` (how its model is differentiated); everything a user configures the same way for
-both families is here once.
+every family is here once.
 """
 
 from __future__ import annotations
@@ -50,14 +51,14 @@ class ReconstructionStage(Stage):
         self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
     ):
         super().__init__(config, total_steps, mesh)
-        self.model = build.tokenizer(config)
+        self.model = self.build_model(config)
         self.lpips = build.lpips(config.loss)
         self.steps_per_epoch = steps_per_epoch(config)
         self.gan = (
             GANSide(config.gan, total_steps, self.steps_per_epoch, config.seed)
             if config.gan.enabled else None
         )
-        self.quantizer_weights = dict(config.loss.quantizer_weights)
+        self.quantizer_weights = dict(config.loss.get("quantizer_weights") or {})
         self.perturb = PerturbationSchedule(config, self.steps_per_epoch)
         self.evaluator = tokenizer_metrics.TokenizerEvaluator(self.model, lpips=self.lpips)
         self.fid_evaluator = None
@@ -66,6 +67,10 @@ class ReconstructionStage(Stage):
                 config, self.model, mesh, shd.rules_tuple(config.sharding_rules),
                 lpips=self.lpips,
             )
+
+    def build_model(self, config: ml_collections.ConfigDict) -> Any:
+        """The autoencoder this stage trains (default: the tokenizer ``model.kind`` names)."""
+        return build.tokenizer(config)
 
     # ---- frozen networks -----------------------------------------------------------------------
     @functools.cache  # noqa: B019  (one stage per run; the files are read once)
