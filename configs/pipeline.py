@@ -9,7 +9,7 @@ Variants:
   imagenet  the paper: RobusTok on ImageNet-1k 256², RAR-B, σ = 0.7, N = 200k, 40 epochs.
   coda_demo the whole RobusTok method on a CODA tokenizer (neither paper does this), MNIST, CPU:
             the demo KL-VAE → CODA with latent perturbation over the token pyramid → rFID/pFID
-            → pretokenize (30 tokens, coarse → fine) → the tiny RAR over that flat sequence →
+            → pretokenize (78 tokens, coarse → fine) → the tiny RAR over that flat sequence →
             gFID → σ = 0.7 pairs → decoder-LoRA post-training → gFID. The generator is RAR, our
             choice: CODA's own generation code is unreleased.
   coda_micro  the same at toy size; used by the tests.

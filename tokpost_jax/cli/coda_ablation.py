@@ -72,9 +72,10 @@ def table(results: dict[str, dict]) -> str:
             ("codebook_perplexity", "perplexity", 1, "{:.0f}"),
             ("rfid", "rFID", 1, "{:.2f}"), ("psnr", "PSNR (dB)", 1, "{:.2f}"),
             ("ssim", "SSIM", 1, "{:.3f}"), ("lpips", "LPIPS", 1, "{:.3f}")]
-    sides = sorted({k.split("_s")[1] for r in results.values() for k in r
-                    if k.startswith("usage_s")}, key=int)
-    cols += [(f"usage_s{s}", f"usage {s}²", 100, "{:.0f}%") for s in sides]
+    names = list(dict.fromkeys(  # per-scale usage, in the pyramid's order
+        k.removeprefix("usage_") for r in results.values() for k in r if k.startswith("usage_s")
+    ))
+    cols += [(f"usage_{n}", f"usage {n}", 100, "{:.0f}%") for n in names]
     lines = ["| arm | seeds | " + " | ".join(c[1] for c in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     by_arm: dict[str, list[dict]] = {}

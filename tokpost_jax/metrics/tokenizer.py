@@ -76,9 +76,9 @@ def point_name(alpha: float, delta: int) -> str:
     return f"fid_a{alpha:g}_d{delta}"
 
 
-def usage_scalars(counts: np.ndarray, sides: Sequence[int]) -> dict[str, float]:
+def usage_scalars(counts: np.ndarray, names: Sequence[str]) -> dict[str, float]:
     """Usage (fraction of codes hit) and perplexity, pooled over scales and, for a pyramid, per
-    scale (``usage_s<side>``; a coarse scale's ceiling is min(1, N·s²/K))."""
+    scale (``usage_<name>``, e.g. ``usage_s4``; a coarse scale's ceiling is min(1, N·s²/K))."""
 
     def of(c: np.ndarray) -> tuple[float, float]:
         probs = c / max(c.sum(), 1.0)
@@ -86,9 +86,9 @@ def usage_scalars(counts: np.ndarray, sides: Sequence[int]) -> dict[str, float]:
         return float(np.mean(c > 0)), float(np.exp(-np.sum(nz * np.log(nz))))
 
     out = dict(zip(("codebook_usage", "codebook_perplexity"), of(counts.sum(0)), strict=True))
-    if len(sides) > 1:
-        for side, c in zip(sides, counts, strict=True):
-            out[f"usage_s{side}"], out[f"perplexity_s{side}"] = of(c)
+    if len(names) > 1:
+        for name, c in zip(names, counts, strict=True):
+            out[f"usage_{name}"], out[f"perplexity_{name}"] = of(c)
     return out
 
 
@@ -291,7 +291,7 @@ class TokenizerEvaluator:
             if latent:
                 scalars.update(latent_scalars(latent))
             if self.discrete:
-                scalars.update(usage_scalars(s["counts"], self.layout.scales))
+                scalars.update(usage_scalars(s["counts"], self.layout.scale_names()))
             scalars["num_images"] = float(num_real)
             grid_fids: dict[str, float] = {}
             if s["recon"] is not None:

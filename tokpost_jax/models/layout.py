@@ -61,6 +61,16 @@ class TokenLayout:
         """Flat position of each scale's first token (and ``num_tokens`` last)."""
         return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)]))
 
+    def scale_names(self) -> tuple[str, ...]:
+        """Metric names of the scales: ``s<side>``, and ``s<side>.<n>`` for the n-th repeat of a
+        side (a pyramid may end in several residual steps at the full latent side)."""
+        seen: dict[int, int] = {}
+        names = []
+        for s in self.scales:
+            seen[s] = seen.get(s, 0) + 1
+            names.append(f"s{s}" if seen[s] == 1 else f"s{s}.{seen[s]}")
+        return tuple(names)
+
     def scale_of_token(self) -> np.ndarray:
         """[L] int32: the scale index of every flat position."""
         return np.repeat(np.arange(self.num_scales, dtype=np.int32), self.sizes)

@@ -177,16 +177,16 @@ class CODAStage(ReconstructionStage):
         decay = optim.ema_decay(self.config.optim, state.step, self.ema_start)
         ema_trainable, ema_fixed = self.partition.split(state.ema_params)
         ema = merge(optim.ema_update(ema_trainable, new_trainable, decay), ema_fixed)
-        sides = self.model.layout.scales
+        names = self.model.layout.scale_names()
         metrics.update(
             {
                 "loss": total,
                 **rec_terms,
                 **{f"{name}_loss": value for name, value in q.losses.items()},
                 **{
-                    f"{stat}_s{s}": q.per_scale[stat][k]
+                    f"{stat}_{name}": q.per_scale[stat][k]
                     for stat in ("vq", "residual_rms", "entropy_batch")
-                    for k, s in enumerate(sides)
+                    for k, name in enumerate(names)
                 },
                 "psnr": jnp.mean(reconstruction.psnr_per_image(jnp.clip(recon, -1, 1), images)),
                 **code_usage(q.indices, self.model.codebook_size),
