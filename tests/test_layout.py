@@ -40,5 +40,5 @@ def test_single_scale_and_errors():
 
 def test_repeated_full_side_scales_get_distinct_names():
     layout = TokenLayout((1, 2, 4, 4, 4))
-    assert layout.scale_names() == ("s1", "s2", "s4", "s4.2", "s4.3")
+    assert layout.scale_names() == ("s1", "s2", "s4", "s4_2", "s4_3")
     assert layout.num_tokens == 1 + 4 + 48 and layout.side == 4

@@ -62,13 +62,13 @@ class TokenLayout:
         return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)]))
 
     def scale_names(self) -> tuple[str, ...]:
-        """Metric names of the scales: ``s<side>``, and ``s<side>.<n>`` for the n-th repeat of a
+        """Metric names of the scales: ``s<side>``, and ``s<side>_<n>`` for the n-th repeat of a
         side (a pyramid may end in several residual steps at the full latent side)."""
         seen: dict[int, int] = {}
         names = []
         for s in self.scales:
             seen[s] = seen.get(s, 0) + 1
-            names.append(f"s{s}" if seen[s] == 1 else f"s{s}.{seen[s]}")
+            names.append(f"s{s}" if seen[s] == 1 else f"s{s}_{seen[s]}")
         return tuple(names)
 
     def scale_of_token(self) -> np.ndarray:
