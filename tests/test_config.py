@@ -104,3 +104,16 @@ def test_imagenet_config_has_paper_values():
         0.1, 1.0, 100, 40, 120, 0.5)
     assert (cfg.loss.lpips_weight, cfg.loss.semantic_weight, cfg.gan.weight) == (1.0, 0.1, 0.5)
     assert (cfg.gan.lecam_weight, cfg.gan.discriminator) == (0.001, "dino")
+
+
+def test_post_training_learning_rate_recipes():
+    """The paper halves main training's LRs; the released recipe is 5e-5 / 5e-5 / min 1e-5 with
+    no batch scaling (configs/post-train.yaml) — a variant, and both keep the paper's 40 epochs."""
+    paper = load_config_file("configs/post_train.py", "imagenet")
+    main = load_config_file("configs/robustok_imagenet.py")
+    assert paper.optim.lr == main.optim.lr / 2 and paper.gan.optim.lr == main.gan.optim.lr / 2
+    official = load_config_file("configs/post_train.py", "imagenet_official_lr")
+    assert (official.optim.lr, official.gan.optim.lr, official.optim.min_lr) == (5e-5, 5e-5, 1e-5)
+    assert official.gan.optim.min_lr == 1e-5 and official.gan.optim.weight_decay == 5e-4
+    for c in (paper, official):
+        assert c.num_epochs == 40.0 and c.optim.weight_decay == 0.0

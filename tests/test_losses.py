@@ -128,3 +128,45 @@ def test_info_nce_alignment_symmetry_and_numpy_reference():
     assert float(losses.info_nce(s * 0.01, t * 0.01)) == pytest.approx(np.log(n), rel=1e-2)
     with pytest.raises(ValueError):
         losses.info_nce(s, t[:, :4])
+
+
+def test_lpips_head_dropout_acts_only_in_training():
+    """loss.lpips_dropout: the official trainer leaves LPIPS's head dropout (0.5) on; it must be
+    a no-op at evaluation (deterministic) and change the value in training."""
+    from tokpost_jax.convert.lpips_weights import load_lpips_params
+    from tokpost_jax.models.lpips import LPIPS
+
+    params = {"params": load_lpips_params()}
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3), minval=-1, maxval=1)
+    y = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    plain = LPIPS().apply(params, x, y)
+    eval_ = LPIPS(dropout_rate=0.5).apply(params, x, y, deterministic=True)
+    train = LPIPS(dropout_rate=0.5).apply(params, x, y, deterministic=False,
+                                         rngs={"dropout": jax.random.PRNGKey(2)})
+    np.testing.assert_array_equal(np.asarray(eval_), np.asarray(plain))
+    assert not np.allclose(np.asarray(train), np.asarray(plain))
+
+
+def test_adaptive_weight_per_group_matches_each_group_alone():
+    """gan.adaptive_weight_groups=G: λ from each contiguous group's own gradients (the official
+    per-GPU losses), not the batch's."""
+    import ml_collections
+
+    from tokpost_jax.train.gan import GANSide
+
+    gan = ml_collections.ConfigDict(dict(
+        adaptive_weight=True, adaptive_eps=1e-4, adaptive_max=1e4, adaptive_weight_groups=2,
+        ramp="none", discriminator="patch", patch_channels=4, patch_layers=1, start=0,
+        optim=dict(lr=1e-4, warmup_init_lr=0.0, warmup_steps=0, min_lr=0.0, b1=0.5, b2=0.9,
+                   weight_decay=0.0, clip_grad_norm=0.0)))
+    side = GANSide(gan, 10, 1.0, 0)
+    w = jax.random.normal(jax.random.PRNGKey(0), (8 * 8 * 3, 5))
+    reference = lambda g: g.reshape(g.shape[0], -1).sum(0) @ w  # a linear map, like ∂/∂W
+    rec = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
+    adv = jax.random.normal(jax.random.PRNGKey(2), (4, 8, 8, 3)) * jnp.asarray(
+        [1.0, 1.0, 10.0, 10.0])[:, None, None, None]
+    lam = np.asarray(side._adaptive(rec, adv, reference))
+    for g in (slice(0, 2), slice(2, 4)):
+        want = losses.adaptive_weight(reference(rec[g]), reference(adv[g]))
+        np.testing.assert_allclose(lam[g], float(want), rtol=1e-5)
+    assert lam[0] > 5 * lam[2]  # the second group's adversarial gradient is 10× larger

@@ -321,3 +321,22 @@ def test_perturbation_in_tokenizer_keeps_vq_losses_clean():
     for name in ("codebook", "commit"):
         assert float(q_pert.losses[name]) == float(q_clean.losses[name])
     assert not np.allclose(np.asarray(rec_pert), np.asarray(rec_clean))
+
+
+def test_a_configuration_that_perturbs_nothing_is_refused():
+    """⌊β·G⌋ = 0 with perturbation on would silently train without the method."""
+    import ml_collections
+
+    from tokpost_jax.config_checks import ConfigValueError
+    from tokpost_jax.train.perturb_schedule import PerturbationSchedule
+
+    def config(batch, beta, group):
+        return ml_collections.ConfigDict(dict(batch_size=batch, perturbation=dict(
+            enabled=True, beta=beta, group_size=group, alpha0=1.0, delta0=4, anneal_start=0,
+            anneal_end=10, end_ratio=0.5, exclude_clean=False, neighbours="feature")))
+
+    PerturbationSchedule(config(1024, 0.1, 128), 1.0)  # the paper: 12 of each 128
+    with pytest.raises(ConfigValueError, match=r"0 samples per group of 8"):
+        PerturbationSchedule(config(64, 0.1, 8), 1.0)
+    with pytest.raises(ConfigValueError, match="must divide batch_size=64"):
+        PerturbationSchedule(config(64, 0.1, 48), 1.0)

@@ -375,3 +375,16 @@ def test_shard_config_errors(shard_root, tmp_path):
         )
     with pytest.raises(DataError, match="does not exist"):
         num_examples(make_cfg(tmp_path), "train")
+
+
+def test_shards_and_manifests_are_readable_by_others(tmp_path):
+    """Written through the one atomic write with the usual permissions (0666 minus the umask),
+    not mkstemp's 0600: other users of a shared run directory must be able to read them."""
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "ds"
+        write_full(d)
+    finally:
+        os.umask(old)
+    modes = {name: os.stat(d / name).st_mode & 0o777 for name in os.listdir(d)}
+    assert set(modes.values()) == {0o644}, modes
