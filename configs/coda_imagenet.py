@@ -24,7 +24,8 @@ COMMAND (train; TPU pod or GPU node, ImageNet prepared by tfds, weights as local
       --config.model.vae_init=/weights/kl16.safetensors \
       --config.gan.dino_weights=/weights/dino_deitsmall16_pretrain.pth
   (FLUX: ``:flux`` and ``--config.model.vae_init=/weights/FLUX.1-dev/vae``, the diffusers
-  folder, or BFL's ``ae.safetensors``.)
+  folder, or BFL's ``ae.safetensors``. To continue from a released CODA tokenizer instead of a
+  bare VAE: ``--config.model.coda_init=/weights/CODA/mar_v16384`` in place of vae_init.)
 
 COMMAND (evaluate a released checkpoint, HF ``shuidi0020/CODA``: ``mar_v16384``,
 ``flux_v65536``; a folder with vae_ema.pth + quantizer_ema.pth):

@@ -90,6 +90,7 @@ def test_eval_reports_per_scale_usage(trained):
     assert 0 < final["val_ema/codebook_usage"] <= 1 and final["val_ema/psnr"] > 0
 
 
+@pytest.mark.slow  # two step compiles of the whole CODA stage: minutes on 2 CPU cores
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_eight_devices_equal_one():
     cfg = micro_config()

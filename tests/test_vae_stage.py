@@ -183,6 +183,7 @@ class _NoEvalVAEStage(VAEStage):
         return {}
 
 
+@pytest.mark.slow  # the loop's resume stays pinned by test_train and test_coda_stage
 def test_resume_through_the_loop_is_bitwise_identical(tmp_path):
     cfg = micro(total_steps=20, checkpoint_every_steps=10, eval_every_steps=1000)
     cfg.lock()
