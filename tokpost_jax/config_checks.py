@@ -588,6 +588,12 @@ GAN_RULES: tuple[Any, ...] = (
     Within("gan", optim_rules("optim"), when=_enabled("gan")),
 )
 
+def _klvae_param_groups() -> tuple[str, ...]:
+    from tokpost_jax.models.klvae import PARAM_GROUPS  # the model owns its groups (imports jax)
+
+    return PARAM_GROUPS
+
+
 #: The tokenizer families' own fields (models/build.py), by ``model.kind``.
 TOKENIZER_MODEL_RULES: tuple[Any, ...] = (
     one_of("model.kind", ("vit_vq", "coda")),
@@ -676,9 +682,9 @@ VAE_RULES: tuple[Any, ...] = (
     Weights("loss"),
     number("loss.lpips_dropout", lo=0, below=1),
     *GAN_RULES,
-    Rule("gan.adaptive_param", lambda v, env: isinstance(v, str) and v.split("/")[0] in (
-        "encoder", "quant_conv", "post_quant_conv", "decoder"),
-        "must be a KL-VAE parameter path, e.g. 'decoder/conv_out/kernel'", when=_enabled("gan")),
+    Rule("gan.adaptive_param", lambda v, env: isinstance(v, str) and v.split("/")[0] in
+         _klvae_param_groups(), "must be a KL-VAE parameter path, e.g. 'decoder/conv_out/kernel'",
+         when=_enabled("gan")),
     Rule("fid_eval.pfid", lambda v, env: v is False,
          "must be False: pFID perturbs discrete tokens, a continuous VAE has none"),
     integer("fid_eval.every_steps", lo=0),

@@ -31,6 +31,8 @@ from tokpost_jax.models.lora import LoRAConv, lora_rank_for
 from tokpost_jax.models.vit import logical
 
 IMAGE_CHANNELS = 3
+#: The top-level parameter groups of a KL-VAE (a GAN reference parameter lies under one of them).
+PARAM_GROUPS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamp
 _PAD1 = ((1, 1), (1, 1))
 _PAD0 = ((0, 0), (0, 0))

@@ -22,14 +22,11 @@ import optax
 from tokpost_jax.config_checks import ConfigValueError
 from tokpost_jax.metrics import reconstruction
 from tokpost_jax.models import build
-from tokpost_jax.models.klvae import IMAGE_CHANNELS, gaussian_kl
+from tokpost_jax.models.klvae import IMAGE_CHANNELS, PARAM_GROUPS, gaussian_kl
 from tokpost_jax.train import optim
 from tokpost_jax.train.partition import param_at
 from tokpost_jax.train.reconstruction import ReconstructionStage
 from tokpost_jax.train.state import TrainState, step_rng, stream
-
-#: The KL-VAE's top-level parameter groups (a GAN reference parameter lies under one of them).
-PARAM_GROUPS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
 
 
 class VAEStage(ReconstructionStage):
