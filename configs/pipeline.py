@@ -13,6 +13,12 @@ Variants:
             gFID → σ = 0.7 pairs → decoder-LoRA post-training → gFID. The generator is RAR, our
             choice: CODA's own generation code is unreleased.
   coda_micro  the same at toy size; used by the tests.
+  coda_imagenet
+            the same method at paper scale, from a released MAR kl16 VAE file (no VAE stage):
+            CODA-MAR (configs/coda_imagenet.py:mar, 680 tokens over scales 1-16) with latent
+            perturbation → rFID/pFID → ten-crop pretokenize → RAR-B over the 680-token sequence
+            (RobusTok's recipe; 2.7× RAR's 256 tokens, so ~3× its step cost) → gFID →
+            σ = 0.7 pairs from 200k train images → decoder-LoRA post-training (40 epochs) → gFID.
 
 Each part is the stage's own config (configs/tokenizer.py, rar.py, post_train.py); the pipeline
 fills in what links them (directories, the tokenizer architecture, the gFID reference), so the
@@ -26,6 +32,13 @@ COMMAND (ImageNet on a pod; add the weight files and the dataset location):
       --config.tokenizer.data.data_dir=gs://b/tfds --config.tokenizer.gan.dino_weights=dino.pth \
       --config.tokenizer.semantic.teacher_weights=dinov2_vitb14.safetensors \
       --config.generator.gfid.num_reference=50000
+
+COMMAND (CODA ImageNet; the VAE is MAR's kl16 file, CODA's own starting point):
+  python -m tokpost_jax.pipeline --config=configs/pipeline.py:coda_imagenet \
+      --workdir=gs://b/coda_robustok --config.tokenizer.data.data_dir=gs://b/tfds \
+      --config.tokenizer.model.vae_init=/weights/kl16.safetensors \
+      --config.tokenizer.gan.dino_weights=/weights/dino_deitsmall16_pretrain.pth \
+      --config.generator.gfid.reference=/weights/VIRTUAL_imagenet256_labeled.npz
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import ml_collections
 
 from tokpost_jax import config_lib
 
-VARIANTS = ("demo", "micro", "imagenet", "coda_demo", "coda_micro")
+VARIANTS = ("demo", "micro", "imagenet", "coda_demo", "coda_micro", "coda_imagenet")
 
 
 def _common(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
@@ -44,8 +57,32 @@ def _common(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict
     return c
 
 
+def coda_imagenet_pipeline() -> ml_collections.ConfigDict:
+    """CODA-MAR (+ perturbation) → … → post-training; the VAE is a file, so no VAE stage."""
+    c = ml_collections.ConfigDict()
+    c.tokenizer = config_lib.sibling_config(__file__, "coda_imagenet", "mar")
+    c.generator = config_lib.sibling_config(__file__, "rar", "rar_b")
+    c.post_train = config_lib.sibling_config(__file__, "post_train", "coda_imagenet")
+    c.pretokenize = ml_collections.ConfigDict(dict(mode="ten_crop", batch_size=1024))
+    del c.generator.tokenizer
+    del c.post_train.model
+    del c.post_train.eval_data
+    # RobusTok's perturbation on CODA-MAR: its δ₀ = 100 at K = 4096 scaled to V = 16384, its
+    # anneal window (epochs 40 → 120 of 200) at the same fractions of CODA's 10 epochs, β of the
+    # global batch (CODA's per-GPU microbatch is 16, where ⌊β·16⌋ = 1), no swaps at 1×1 and 2×2.
+    c.tokenizer.perturbation.update(enabled=True, beta=0.1, alpha0=1.0, delta0=400,
+                                    anneal_start=2, anneal_end=6, end_ratio=0.5, group_size=0,
+                                    min_side=3)
+    c.tokenizer.fid_eval.pfid = True  # the pipeline reports pFID
+    c.uniform_token_baseline = True
+    c.gfid_raw_decoder = True
+    return _common(c, "coda_imagenet")
+
+
 def coda_pipeline(arg: str) -> ml_collections.ConfigDict:
     """VAE → CODA (+ perturbation) → … → post-training, on the stage configs' CPU variants."""
+    if arg == "coda_imagenet":
+        return coda_imagenet_pipeline()
     micro = arg == "coda_micro"
     size = "micro" if micro else "demo"
     c = ml_collections.ConfigDict()

@@ -117,3 +117,30 @@ def test_post_training_learning_rate_recipes():
     assert official.gan.optim.min_lr == 1e-5 and official.gan.optim.weight_decay == 5e-4
     for c in (paper, official):
         assert c.num_epochs == 40.0 and c.optim.weight_decay == 0.0
+
+
+def test_coda_imagenet_pipeline_is_robustok_on_coda_mar():
+    """configs/pipeline.py:coda_imagenet: CODA-MAR as released plus RobusTok's perturbation (δ₀
+    scaled to V, the anneal window at the same fractions of the run), RAR-B over its 680
+    tokens, and RobusTok's post-training recipe relative to CODA's main training."""
+    cfg = load_config_file("configs/pipeline.py", "coda_imagenet")
+    mar = load_config_file("configs/coda_imagenet.py", "mar")
+    robustok = load_config_file("configs/robustok_imagenet.py")
+    assert "vae" not in cfg  # a released kl16 file, not a VAE stage
+    tok = cfg.tokenizer
+    assert tok.model.to_dict() == mar.model.to_dict() and tok.optim.to_dict() == mar.optim.to_dict()
+    p, r = tok.perturbation, robustok.perturbation
+    assert p.enabled and p.delta0 == r.delta0 * mar.model.codebook_size // 4096
+    assert p.anneal_start / tok.num_epochs == r.anneal_start / robustok.num_epochs
+    assert p.anneal_end / tok.num_epochs == r.anneal_end / robustok.num_epochs
+    assert (p.beta, p.alpha0, p.end_ratio, p.min_side) == (r.beta, r.alpha0, r.end_ratio, 3)
+    assert tok.fid_eval.pfid and cfg.pretokenize.mode == "ten_crop"
+    assert cfg.generator.model.size.to_dict() == load_config_file(
+        "configs/rar.py", "rar_b").model.size.to_dict()
+    post = cfg.post_train
+    assert (post.post.sigma, post.post.num_images, post.post.seed, post.num_epochs) == (
+        0.7, 200_000, 42, 40.0)
+    assert post.post.trainable == ("vae/decoder/*lora_*",) and post.post.reuse_discriminator
+    assert post.optim.lr == mar.optim.lr / 2 and post.gan.optim.lr == mar.gan.optim.lr / 2
+    assert post.optim.weight_decay == 0.0 and (post.gan.start, post.gan.ramp) == (0, "none")
+    assert post.batch_size == mar.batch_size

@@ -60,16 +60,30 @@ POST_PATHS = {"data__data_dir": "/d", "init_from__workdir": "/w"}
     + [("configs/rar.py", v, {"data__data_dir": "/d"}, 1) for v in ("demo", "tiny", "micro")]
     + [("configs/rar.py", v, {"data__data_dir": "/d"}, 8) for v in ("rar_b", "rar_l")]
     + [("configs/post_train.py", v, POST_PATHS, 1) for v in ("demo", "micro")]
-    + [("configs/post_train.py", "imagenet", POST_PATHS, 8)],
+    + [("configs/post_train.py", "imagenet", POST_PATHS, 8)]
+    + [("configs/post_train.py", "coda_imagenet", POST_PATHS, 8)],
 )
 def test_every_repo_config_passes(path, arg, paths, devices):
     _check(_cfg(path, arg, **paths), devices=devices)
 
 
-@pytest.mark.parametrize(("variant", "devices"), [("demo", 1), ("imagenet", 8)])
-def test_pipeline_configs_pass(variant, devices):
-    cc.check_pipeline_config(_cfg("configs/pipeline.py", variant), num_devices=devices,
+KL16 = {"tokenizer__model__vae_init": "/weights/kl16.safetensors"}
+
+
+@pytest.mark.parametrize(
+    ("variant", "paths", "devices"),
+    [("demo", {}, 1), ("imagenet", {}, 8), ("coda_demo", {}, 1), ("coda_imagenet", KL16, 8)],
+)
+def test_pipeline_configs_pass(variant, paths, devices):
+    cc.check_pipeline_config(_cfg("configs/pipeline.py", variant, **paths), num_devices=devices,
                              num_hosts=1)
+
+
+def test_a_coda_pipeline_without_a_vae_stage_needs_the_vae_file():
+    with pytest.raises(cc.ConfigValueError, match=r"config\.tokenizer\.model\.vae_init=None: "
+                       r"must be set .*kl16.* this pipeline has no vae stage"):
+        cc.check_pipeline_config(_cfg("configs/pipeline.py", "coda_imagenet"), num_devices=8,
+                                 num_hosts=1)
 
 
 def test_command_line_paths_are_required_where_the_stage_reads_them():

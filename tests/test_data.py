@@ -336,7 +336,7 @@ def test_folder_source_decodes_formats_and_sorts(folder_root):
     assert ev[0]["image"].shape == (2, 16, 16, 3)
 
 
-def test_folder_epochs_reshuffle_and_hosts_are_disjoint(folder_root):
+def test_folder_epochs_reshuffle_and_hosts_slice_the_global_batch(folder_root):
     cfg = make_cfg(name="folder", data_dir=str(folder_root), random_flip=False)
     labels = np.concatenate([b["label"] for b in take(train_iter(cfg, seed=1, batch=3), 6)])
     epochs = labels.reshape(3, 6)  # batches straddle nothing here: 6 records, batch 3
@@ -346,15 +346,20 @@ def test_folder_epochs_reshuffle_and_hosts_are_disjoint(folder_root):
     gray = next(train_iter(cfg, seed=1, batch=3))["image"][:, 0, 0, 0]
     np.testing.assert_allclose(gray, 40 * epochs[0][:3] / 127.5 - 1, atol=1e-6)
 
-    host = [
-        set(
-            np.concatenate(
-                [b["label"] for b in take(train_iter(cfg, batch=2, index=i, count=2), 3)]
-            )
-        )
-        for i in range(2)
-    ]
-    assert host[0] == {0, 2, 4} and host[1] == {1, 3, 5}
+    # Two hosts: each global batch is the one-host batch, host h holding its slice h.
+    one = take(train_iter(cfg, seed=1, batch=4), 4)
+    hosts = [take(train_iter(cfg, seed=1, batch=2, index=i, count=2), 4) for i in range(2)]
+    for k, batch in enumerate(one):
+        for key in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([hosts[0][k][key], hosts[1][k][key]]), batch[key])
+    # A host's state is the global stream's: it resumes on any host count.
+    it = train_iter(cfg, seed=1, batch=2, index=1, count=2)
+    take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    single = train_iter(cfg, seed=1, batch=4)
+    single.set_state(state, step=2)
+    assert_batches_equal(take(single, 2), one[2:])
 
 
 def test_folder_errors_name_the_problem(folder_root, tmp_path):
@@ -380,7 +385,7 @@ def test_folder_errors_name_the_problem(folder_root, tmp_path):
 # --------------------------------------------------------------------------- eval sharding
 
 
-def test_eval_hosts_are_disjoint_cover_the_split_and_pad_equally():
+def test_eval_hosts_slice_the_one_host_batches_and_pad_equally():
     n, batch = 33, 8
     cfg = make_cfg(num_eval_examples=n)
     full = eval_list(cfg, batch=batch)
@@ -389,16 +394,19 @@ def test_eval_hosts_are_disjoint_cover_the_split_and_pad_equally():
     assert len(full) == 5 and full[-1]["mask"].sum() == 1
     assert (full[-1]["image"][1:] == 0).all() and (full[-1]["label"][1:] == 0).all()
 
-    hosts = [eval_list(cfg, batch=batch, index=i, count=2) for i in range(2)]
-    assert len(hosts[0]) == len(hosts[1]) == 3  # ceil(ceil(33 / 2) / 8)
-    for i, batches in enumerate(hosts):
+    hosts = [eval_list(cfg, batch=batch // 2, index=i, count=2) for i in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == 5  # ceil(33 / 8): the one-host batch count
+    for batches in hosts:
         for b in batches:
-            assert b["image"].shape == (batch, 16, 16, 3) and b["mask"].dtype == np.bool_
+            assert b["image"].shape == (batch // 2, 16, 16, 3) and b["mask"].dtype == np.bool_
             assert b["label"].dtype == np.int32
-        real = np.concatenate([b["image"][b["mask"]] for b in batches])
-        np.testing.assert_array_equal(real, full_images[i::2])  # disjoint, union = split
-    assert [int(b["mask"].sum()) for b in hosts[0]] == [8, 8, 1]
-    assert [int(b["mask"].sum()) for b in hosts[1]] == [8, 8, 0]  # a whole padding batch
+    # Each global batch (host 0's slice, then host 1's) is the one-host batch, padding included.
+    for k, b in enumerate(full):
+        for key in b:
+            np.testing.assert_array_equal(
+                np.concatenate([hosts[0][k][key], hosts[1][k][key]]), b[key])
+    assert [int(b["mask"].sum()) for b in hosts[0]] == [4, 4, 4, 4, 1]
+    assert [int(b["mask"].sum()) for b in hosts[1]] == [4, 4, 4, 4, 0]  # a whole padding batch
 
     # One host with nothing at all still yields the common batch count.
     tiny = [eval_list(make_cfg(num_eval_examples=1), batch=4, index=i, count=2) for i in range(2)]

@@ -221,7 +221,8 @@ def test_restored_state_is_validated():
         _train(cfg, batch=8, seed=3).set_state({"next_index": 123456789}, step=10)
     for bad, match in (
         ({**state, "seed": 4}, r"seed=4 but this run has 3 \(config.seed\)"),
-        ({**state, "host_batch_size": 16}, "host_batch_size=16 but this run has 8"),
+        ({**state, "batch_size": 16}, r"batch_size=16 but this run has 8 \(config.batch_size"),
+        ({**state, "process_count": 2}, "2-host run whose hosts each had their own stream"),
         ({**state, "num_records": 4400}, "num_records=4400 but this run has 4500"),
         ({"next_index": -1}, "needs 'next_index'"),
         ({"next_index": "7"}, "needs 'next_index'"),
@@ -232,9 +233,11 @@ def test_restored_state_is_validated():
             _train(cfg, batch=8, seed=3).set_state(bad)
     with pytest.raises(DataError, match="num_records"):  # a changed dataset is refused
         _train(make_cfg(name="photos"), batch=8, seed=3).set_state(state)
-    # A legacy state (batch counter only) and the run's own state both resume.
+    # Legacy states (a batch counter only; one host's own stream) and the run's own state resume.
     reference = take(_train(cfg, batch=8, seed=3), 4)
-    for good in ({"next_index": 2}, state):
+    one_host = {"next_index": 2, "num_records": 4500, "host_batch_size": 8, "seed": 3,
+                "process_index": 0, "process_count": 1}
+    for good in ({"next_index": 2}, one_host, state):
         fresh = _train(cfg, batch=8, seed=3)
         fresh.set_state(good, step=2)
         assert_batches_equal(take(fresh, 2), reference[2:])

@@ -6,9 +6,10 @@ A command module defines its flags in a ``define_flags()`` function and its work
 Flags are defined only when a module runs as the program, so importing a command (tests, other
 commands) never registers a flag twice.
 
-Multi-host: set ``TOKPOST_DISTRIBUTED=1`` on every host of a pod or cluster;
-``jax.distributed.initialize()`` then reads the coordinator from the environment (Cloud TPU
-metadata, Slurm, or ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``).
+Multi-host: set ``TOKPOST_DISTRIBUTED=1`` on every host of a pod or cluster; every command then
+joins the job through :func:`tokpost_jax.multihost.initialize_from_env` before JAX touches a
+device (Cloud TPU and Slurm are detected; elsewhere set ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``).
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ class _QuietLibraries(pylogging.Filter):
 
 def setup_process() -> None:
     """Process-wide setup every command runs first."""
-    logging.get_absl_handler().addFilter(_QuietLibraries())
-    import jax
+    from tokpost_jax import multihost
 
-    if os.environ.get("TOKPOST_DISTRIBUTED"):  # set it on every host of a multi-host pod/cluster
-        jax.distributed.initialize()
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    multihost.initialize_from_env()
     # Keep TensorFlow (imported by clu's writers and tfds) off any accelerator JAX wants.
     try:
         import tensorflow as tf
@@ -80,12 +80,14 @@ def exit_with(e: BaseException) -> None:
 
 def config_variants(names: Sequence[str]) -> str:
     """``configs/<name>.py:{variants}`` for each name, read from the files' ``VARIANTS`` without
-    running them (for ``--help``); empty when run outside the repository."""
+    running them (for ``--help``); the installed configs when the cwd has none."""
+    from tokpost_jax.config_lib import resolve_config_path
+
     parts = []
     for name in names:
         path = os.path.join("configs", f"{name}.py")
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(resolve_config_path(path), encoding="utf-8") as f:
                 tree = ast.parse(f.read())
         except OSError:
             continue
@@ -120,9 +122,13 @@ def run(define_flags: Callable[[], dict[str, Any]], main: Callable[[dict[str, An
     """Defines the command's flags, parses them (a bad ``--config.*`` is one line), sets the
     process up, and runs ``main``; user errors exit with one line. With ``positional``, the
     arguments after the flags reach ``main`` as ``values["args"]``."""
-    from tokpost_jax import config_checks
+    from tokpost_jax import config_checks, config_lib
 
     values = define_flags()
+    # --help lists the main module's key flags only; --config and --print_config are defined
+    # here in cli, so declare every flag of the command key to the program.
+    for holder in values.values():
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
 
     def _main(argv: list[str]) -> None:
         if len(argv) > 1 and not positional:
@@ -140,4 +146,8 @@ def run(define_flags: Callable[[], dict[str, Any]], main: Callable[[dict[str, An
         except user_errors() as e:
             exit_with(e)
 
-    app.run(_main, flags_parser=config_checks.parse_flags)
+    def _parse(argv: list[str]) -> list[str]:
+        # configs/x.py resolves against the installed configs when the cwd has no configs/.
+        return config_checks.parse_flags(config_lib.resolve_config_argv(argv))
+
+    app.run(_main, flags_parser=_parse)

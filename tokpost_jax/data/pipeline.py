@@ -1,8 +1,15 @@
 """Config → deterministic, per-host-sharded, resumable grain pipelines.
 
-Train: source → host shard ``[process_index::process_count]`` → shuffle →
-repeat (reshuffled every epoch) → random_map (crop/flip, grain's per-record
-rng) → batch → to_iter_dataset (thread prefetch) → optional mp_prefetch.
+Train: source → shuffle → repeat (reshuffled every epoch) → random_map
+(crop/flip, grain's per-record rng) → batch of ``config.batch_size / hosts`` →
+this host's batches ``[process_index::process_count]`` → to_iter_dataset
+(thread prefetch) → optional mp_prefetch.
+
+Why hosts take every P-th *batch* of one global stream: global batch k is then records
+``[k·B, (k+1)·B)`` of a stream that does not depend on the number of hosts, and host h holds
+its contiguous slice h, which is where the batch sharding puts host h's devices. So a run on
+2 hosts × 4 devices sees exactly the batches of a run on 1 host × 8 devices, and a checkpoint
+resumes on any host count. Eval does the same with the split in its stored order.
 
 Shards (``data.name == "shards"``, arrays written by e.g. tokpost_jax.cli.pretokenize) are already
 final views: they skip the augmentation, and only their uint8 image fields
@@ -35,6 +42,7 @@ import grain
 import numpy as np
 from absl import flags, logging
 
+from tokpost_jax import files
 from tokpost_jax.data.builtin import (
     BUILTIN_NAMES,
     PhotoTrainSource,
@@ -132,7 +140,7 @@ def make_source(data_cfg: Any, split: str):
                 "config.data.data_dir must be set to the directory holding <split>/manifest.json "
                 "for name='shards' (the --out of python -m tokpost_jax.cli.pretokenize)"
             )
-        return ShardSource(os.path.join(os.fspath(data_cfg.data_dir), split))
+        return ShardSource(files.join(data_cfg.data_dir, split))
     if name == FOLDER_NAME:
         classes = folder_class_names(data_cfg.data_dir, data_cfg.train_split)
         return FolderSource(data_cfg.data_dir, split, classes)
@@ -145,14 +153,14 @@ def make_source(data_cfg: Any, split: str):
     )
 
 
-def _derive_seed(seed: int, process_index: int, stream: int) -> int:
-    """A uint32 seed per (user seed, host, purpose).
+def _derive_seed(seed: int, stream: int) -> int:
+    """A uint32 seed per (user seed, purpose).
 
-    Why: hosts must not draw identical augmentations for their k-th record,
-    and shuffle seeds of nearby user seeds must not coincide (grain reseeds
-    epochs with seed + epoch, so seed=0 epoch 1 would equal seed=1 epoch 0).
+    Why: shuffle seeds of nearby user seeds must not coincide (grain reseeds epochs with
+    seed + epoch, so seed=0 epoch 1 would equal seed=1 epoch 0). The middle 0 was the host index
+    when each host had its own stream; it stays so that one-host streams are unchanged.
     """
-    return int(np.random.SeedSequence([seed, process_index, stream]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, 0, stream]).generate_state(1)[0])
 
 
 def _check_args(data_cfg: Any, host_batch_size: int, process_index: int, process_count: int):
@@ -348,14 +356,16 @@ class EvalTransform(grain.transforms.Map):
 
 # --------------------------------------------------------------------------- train iterator
 
-#: What fixes a host's batch stream besides the batch counter, with where it comes from.
+#: What fixes the global batch stream besides the batch counter, with where it comes from. The
+#: host count is not one of them: every host count reads the same global batches.
 _STREAM_KEYS = {
-    "num_records": "records in this host's share of the train split",
-    "host_batch_size": "config.batch_size / hosts",
+    "num_records": "records in the train split",
+    "batch_size": "config.batch_size (all hosts)",
     "seed": "config.seed",
-    "process_index": "this host's index",
-    "process_count": "the number of hosts",
 }
+#: Keys of states written when each host had its own stream; such a state replays the same
+#: batches only if it came from one host (process_count 1).
+_HOST_STREAM_KEYS = ("host_batch_size", "process_index", "process_count")
 
 
 def check_data_state(
@@ -374,13 +384,21 @@ def check_data_state(
             f"restored data-iterator state {state!r} is not this pipeline's: it needs "
             "'next_index' (an int >= 0, the batches already drawn)"
         )
-    unknown = sorted(set(state) - {"next_index", *_STREAM_KEYS})
+    unknown = sorted(set(state) - {"next_index", *_STREAM_KEYS, *_HOST_STREAM_KEYS})
     if unknown:
         raise DataError(
             f"restored data-iterator state has unknown keys {unknown} (a state of another "
             "pipeline, or of grain worker processes before tokpost kept its own); start a new "
             "workdir"
         )
+    if state.get("process_count", 1) != 1:
+        raise DataError(
+            f"restored data-iterator state comes from a {state['process_count']}-host run whose "
+            "hosts each had their own stream (before this version), so it would not replay the "
+            "same batches; use a new workdir"
+        )
+    if "host_batch_size" in state:  # one-host state of that version: its batch is the global one
+        state = {**state, "batch_size": state["host_batch_size"]}
     for key, value in stream.items():
         if key in state and state[key] != value:
             raise DataError(
@@ -400,9 +418,10 @@ def check_data_state(
 class TrainIterator:
     """This host's infinite train batches, resumable from a JSON state.
 
-    The state is the number of batches drawn plus the stream keys (records, batch size, seed,
-    hosts); :meth:`set_state` validates it (:func:`check_data_state`) and restarts the grain
-    pipeline at that batch, so it does not depend on prefetch threads or worker processes.
+    The state is the number of batches drawn plus the stream keys (records, global batch size,
+    seed), the same on every host; :meth:`set_state` validates it (:func:`check_data_state`)
+    and restarts the grain pipeline at that batch, so it does not depend on prefetch threads or
+    worker processes.
     """
 
     def __init__(self, batches: grain.MapDataset, data_cfg: Any, stream: Mapping[str, int]):
@@ -459,12 +478,12 @@ def make_train_iterator(
     process_index: int,
     process_count: int,
 ) -> TrainIterator:
-    """Infinite iterator of this host's train batches.
+    """Infinite iterator of this host's train batches: its slice of each global batch.
 
     Yields {'image': float32 [host_batch_size, S, S, 3] in [-1, 1],
     'label': int32 [host_batch_size]}; for shards, every stored field with a
-    leading batch axis (image fields as float32 [-1, 1]). Each epoch of this
-    host's shard is reshuffled deterministically from `seed`; a batch may straddle an epoch
+    leading batch axis (image fields as float32 [-1, 1]). Each epoch of the
+    split is reshuffled deterministically from `seed`; a batch may straddle an epoch
     boundary (no record is dropped). ``it.get_state()`` is JSON-serialisable
     and ``set_state`` on a fresh iterator built with the same arguments
     resumes bit-exactly (and refuses a state of another stream).
@@ -476,23 +495,22 @@ def make_train_iterator(
     records = _guard_bad_records(
         data_cfg, source, range(process_index, len(source), process_count)
     )
-    ds = grain.MapDataset.source(records)[process_index::process_count]
+    ds = grain.MapDataset.source(records)
     stream = {
         "num_records": len(ds),
-        "host_batch_size": int(host_batch_size),
+        "batch_size": int(host_batch_size) * int(process_count),
         "seed": int(seed),
-        "process_index": int(process_index),
-        "process_count": int(process_count),
     }
     if len(ds) == 0:
-        raise DataError(
-            f"train split {data_cfg.train_split!r} of {data_cfg.name!r} has {len(source)} "
-            f"records, too few to give each of {process_count} hosts at least one"
-        )
-    ds = ds.shuffle(seed=_derive_seed(int(seed), process_index, _SHUFFLE_STREAM)).repeat(None)
+        raise DataError(f"train split {data_cfg.train_split!r} of {data_cfg.name!r} is empty")
+    ds = ds.shuffle(seed=_derive_seed(int(seed), _SHUFFLE_STREAM)).repeat(None)
+
+    def host_batches(records: grain.MapDataset) -> grain.MapDataset:
+        return records.batch(host_batch_size, drop_remainder=True)[process_index::process_count]
+
     if isinstance(source, ShardSource):  # final views already: no augmentation
         fields = _shard_image_fields(data_cfg, source)
-        ds = ds.batch(host_batch_size, drop_remainder=True).map(FloatFields(fields))
+        ds = host_batches(ds).map(FloatFields(fields))
         return TrainIterator(ds, data_cfg, stream)
     transform = TrainTransform(
         data_cfg.image_size,
@@ -507,11 +525,9 @@ def make_train_iterator(
             f"{transform.min_crop_frac} and {transform.max_crop_frac}"
         )
     # repeat(None) above is infinite; the shuffle reseeds itself every epoch.
-    ds = (
-        ds.random_map(transform, seed=_derive_seed(int(seed), process_index, _AUGMENT_STREAM))
-        .batch(host_batch_size, drop_remainder=True)
-        .map(_float_batch)
-    )
+    ds = host_batches(
+        ds.random_map(transform, seed=_derive_seed(int(seed), _AUGMENT_STREAM))
+    ).map(_float_batch)
     return TrainIterator(ds, data_cfg, stream)
 
 
@@ -521,11 +537,13 @@ def eval_batches(
     """This host's share of the eval split, in a fixed order, padded.
 
     The eval set is the first `num_eval_examples` records of the split (all
-    if None); host h gets records h, h + process_count, ... Yields
+    if None), in global batches of B = b · process_count records; host h gets
+    records [k·B + h·b, k·B + (h+1)·b) of batch k. Yields
     {'image' float32 [b,S,S,3], 'label' int32 [b], 'mask' bool [b]} with
     b = host_batch_size; padding rows are zeros with mask False. Every host
-    yields ceil(ceil(N / process_count) / b) batches, appending all-padding
-    batches where its share is shorter, so multi-host jitted eval never hangs.
+    yields ceil(N / B) batches (all-padding where its slice of the last one is
+    empty), so multi-host jitted eval never hangs, and the gathered global
+    batches are those of a one-host run.
     Shards yield every stored field (image fields as float32) plus 'mask',
     padded the same way.
     """
@@ -544,8 +562,8 @@ def eval_batches(
     ds = grain.MapDataset.source(
         _guard_bad_records(data_cfg, source, range(process_index, total, process_count))
     )[:total]
-    num_batches = math.ceil(math.ceil(total / process_count) / host_batch_size)
-    share = ds[process_index::process_count]
+    num_batches = math.ceil(total / (host_batch_size * process_count))
+    share = ds
     if isinstance(source, ShardSource):
         fields = _shard_image_fields(data_cfg, source)
         spec = _shard_eval_spec(source, fields)
@@ -558,25 +576,26 @@ def eval_batches(
             "mask": ((), np.dtype(np.bool_)),
         }
         records, to_float_map = share.map(EvalTransform(size)), _float_batch
-    return _padded_eval(data_cfg, records, to_float_map, spec, host_batch_size, num_batches)
+    batches = records.batch(host_batch_size, drop_remainder=False)[process_index::process_count]
+    return _padded_eval(data_cfg, batches, to_float_map, spec, host_batch_size, num_batches)
 
 
 def _padded_eval(
     data_cfg: Any,
-    records: grain.MapDataset,
+    batches: grain.MapDataset,
     to_float_map: Any,
     spec: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     batch_size: int,
     num_batches: int,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches `records`, zero-pads the last batch and appends all-padding batches (per `spec`)."""
+    """Zero-pads a short batch of `batches` and appends all-padding batches (per `spec`)."""
 
     def zeros(n: int) -> dict[str, np.ndarray]:
         return {k: np.zeros((n, *shape), dtype) for k, (shape, dtype) in spec.items()}
 
     emitted = 0
-    if len(records) > 0:
-        ds = records.batch(batch_size, drop_remainder=False).map(to_float_map)
+    if len(batches) > 0:
+        ds = batches.map(to_float_map)
         it = iter(_to_iter(ds, data_cfg))
         try:
             for batch in it:
