@@ -94,6 +94,16 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         )
     )
     c.batch_size = 8 if micro else 32
+    # Gradient accumulation (train/accumulate.py): the global batch is split into this many
+    # microbatches, scanned inside the one jitted step; one optimizer update per step. On fewer
+    # chips, raise it to keep the global batch. Microbatch i holds samples i, i+k, i+2k, ..., so
+    # batch_size must be a multiple of grad_accum_steps x the batch shards. What becomes per
+    # microbatch: the GAN adaptive weight (gan.adaptive_weight_groups groups per microbatch), the
+    # perturbed samples (perturbation.group_size counts samples of a microbatch) and the
+    # entropy's batch distribution (model.quantizer.entropy_groups groups per microbatch);
+    # the LeCAM EMAs kept are updated with the whole batch's mean logits (each microbatch's
+    # LeCAM term sees its own update) and dead-code restart sees the whole batch.
+    c.grad_accum_steps = 1
     c.eval_batch_size = 8 if micro else 100
 
     c.model = ml_collections.ConfigDict(
@@ -126,6 +136,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             latent_scale=0.0,  # 0: measured, 1 / std of the posterior means (MAR kl16: 0.2325)
             latent_shift=0.0,  # FLUX: 0.1159
             latent_stats_images=512,
+            # Rematerialisation of the VAE's res/attn blocks (models/remat.py): "none", "full"
+            # or "dots" (≈ "full" for convs); the quantizer's own switch is quantizer.remat.
+            remat="none",
         )
     )
     c.optim = ml_collections.ConfigDict(

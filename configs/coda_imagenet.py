@@ -11,6 +11,13 @@ Variants (the part after the colon):
         0.3611 / shift 0.1159, 12 × 3 × 8 = 288 images per step, the quantizer's V-sized
         tensors recomputed per scale (``model.quantizer.remat``). rFID 0.43 (abstract).
 
+On fewer chips: grad_accum_steps=1 here (512 / 288 images per update in one step); the official
+code reaches them as per-GPU batch × accumulation × 8 GPUs, which here is
+``--config.grad_accum_steps=4`` (MAR) / ``3`` (FLUX) on 8 chips, or more on fewer (the batch
+must stay a multiple of k × devices). With ``model.quantizer.entropy_groups=<devices>`` the
+entropy's batch distribution is then per device and microbatch, as in the official code.
+``--config.model.remat=full`` recomputes the VAE blocks in the backward pass (less memory).
+
 Both: 10 epochs; AdamW (0.5, 0.9), lr 5e-4 for G and D, cosine to 0, no warm-up; weight decay
 0.005 on every trainable leaf (G) and 5e-4 (D); global-norm clip 10 on each; fp32; β 0.05;
 entropy 0.05 at τ 0.01; attention width 32 with RMSNorm; EMA copied for 4 epochs, then

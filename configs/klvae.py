@@ -61,11 +61,16 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         )
     )
     c.batch_size = 32  # global
+    # Gradient accumulation (train/accumulate.py): k microbatches scanned inside the one jitted
+    # step, one optimizer update; batch_size must be a multiple of k x the batch shards. Per
+    # microbatch: the GAN adaptive weight (gan.adaptive_weight_groups groups per microbatch).
+    c.grad_accum_steps = 1
     c.eval_batch_size = 100  # global
 
     # The VAE preset's fields (config_lib.KLVAE_SIZES; LoRA off) and the family name.
     c.model = config_lib.klvae("demo")
     c.model.kind = "klvae"
+    c.model.remat = "none"  # res/attn blocks (models/remat.py): "none" | "full" | "dots"
 
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -166,6 +171,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.data.num_eval_examples = 32
         c.model = config_lib.klvae("micro")
         c.model.kind = "klvae"
+        c.model.remat = "none"
         c.optim.warmup_steps = 5
         c.gan.update(start=10, patch_channels=8)
         c.log_every_steps = 10

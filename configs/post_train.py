@@ -10,12 +10,19 @@ Variants:
             the same with the released recipe's learning rates (configs/post-train.yaml,
             xqgan_post_train.py): 5e-5 for G and D with no batch scaling, min 1e-5, one warm-up
             epoch for G and two for D, D weight decay 5e-4.
+  coda_demo, coda_micro, coda_imagenet
+            RobusTok's post-training on a CODA tokenizer (neither paper does this): the demo /
+            micro CODA tokenizer (configs/coda.py), or CODA-MAR (configs/coda_imagenet.py:mar)
+            on the paper's σ = 0.7, N = 200k, seed 42, 40 epochs, at CODA's batch of 512.
 
 The official code deviates from the paper in four ways (robustok.md §9.3); each is a field (or
 the variant above) and the defaults follow the paper: ``post.trainable`` (official: the
 codebook, latent tokens and quant_conv also train — add "quantizer/*", "quant_conv/*" and
 "vit_encoder/*"), ``post.reuse_discriminator`` (official: False, heads start fresh),
 ``num_epochs`` (official yaml: 100), and the learning rates (``imagenet_official_lr``).
+
+On fewer chips: the paper variants keep grad_accum_steps=1 (the main run's batch per update);
+``--config.grad_accum_steps=k`` splits it into k microbatches inside the step (train/accumulate.py).
 
 COMMAND (after a tokenizer run and pairs made by the pipeline or python -m tokpost_jax.cli.pairs):
   python -m tokpost_jax.main --config=configs/post_train.py:demo --workdir=runs/post_demo \
@@ -29,7 +36,8 @@ from ml_collections import config_dict
 
 from tokpost_jax import config_lib
 
-VARIANTS = ("demo", "micro", "imagenet", "imagenet_official_lr", "coda_demo", "coda_micro")
+VARIANTS = ("demo", "micro", "imagenet", "imagenet_official_lr", "coda_demo", "coda_micro",
+            "coda_imagenet")
 
 
 def pairs_data(c: ml_collections.ConfigDict) -> None:
@@ -56,8 +64,9 @@ def coda_post_train(arg: str) -> ml_collections.ConfigDict:
     determines a token stays bitwise (train/post_train.py refuses patterns upstream of it).
     Recipe relative to CODA's main training as RobusTok's is to its own: half the LR, no weight
     decay on the tokenizer, the discriminator reused and at full weight from step 0 (no ramp)."""
-    micro = arg == "coda_micro"
-    c = config_lib.sibling_config(__file__, "coda", "micro" if micro else "demo")
+    micro, paper = arg == "coda_micro", arg == "coda_imagenet"
+    c = (config_lib.sibling_config(__file__, "coda_imagenet", "mar") if paper
+         else config_lib.sibling_config(__file__, "coda", "micro" if micro else "demo"))
     c.trainer = "coda_post_train"
     pairs_data(c)
     c.post = ml_collections.ConfigDict(
@@ -67,10 +76,10 @@ def coda_post_train(arg: str) -> ml_collections.ConfigDict:
             trainable=("vae/decoder/*lora_*",),
             reuse_discriminator=True,
             sigma=0.7,
-            num_images=48 if micro else 2_000,
+            num_images=200_000 if paper else 48 if micro else 2_000,
             seed=42,
             source_split="train",
-            batch_size=16 if micro else 100,
+            batch_size=256 if paper else 16 if micro else 100,  # global, for generation
             # Always keep the ground-truth tokens of scales up to this side (0: none): at σ = 0.7
             # the 1×1 token, broadcast over the image, is resampled in 30% of the pairs.
             gt_max_side=0,
@@ -83,9 +92,15 @@ def coda_post_train(arg: str) -> ml_collections.ConfigDict:
     c.perturbation.enabled = False
     c.gan.update(start=0, ramp="none")
     c.fid_eval.every_steps = 0
+    c.gan.optim.lr = c.gan.optim.lr / 2
+    if paper:
+        # CODA's EMA schedule restarted at step 0 (it follows the weights early, 0.9999 late).
+        c.optim.update(lr=c.optim.lr / 2, weight_decay=0.0, ema_start=0)
+        c.num_epochs = 40.0  # RobusTok's best (Tab. 9), ⌈40 · 200k / 512⌉ = 15,625 steps
+        c.eval_every_steps = 2_000
+        return c
     c.optim.update(lr=c.optim.lr / 2, weight_decay=0.0, ema_schedule="constant", ema_decay=0.99,
                    ema_start=0)
-    c.gan.optim.lr = c.gan.optim.lr / 2
     c.total_steps = 20 if micro else 300
     c.eval_every_steps = c.total_steps
     c.checkpoint_every_steps = 10 if micro else 100

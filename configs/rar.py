@@ -17,6 +17,10 @@ COMMAND (demo, after the tokenizer demo run):
   python -m tokpost_jax.main --config=configs/rar.py:demo --workdir=runs/rar_demo \
       --config.data.data_dir=runs/demo_tokens --config.tokenizer_workdir=runs/tokenizer_demo
 
+On fewer chips (rar_b / rar_l): grad_accum_steps=1 (2048 per update);
+``--config.grad_accum_steps=k`` keeps the global batch as k microbatches and
+``--config.model.remat=full`` cuts activation memory.
+
 COMMAND (RAR-B on ImageNet tokens, TPU pod / GPU node; see launch/):
   python -m tokpost_jax.main --config=configs/rar.py:rar_b --workdir=gs://bucket/rar_b \
       --config.data.data_dir=gs://bucket/imagenet_tokens \
@@ -80,11 +84,20 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             # A learned per-scale embedding on the positions of a multi-scale tokenizer's tokens
             # (CODA's pyramid); off: RAR as published. An ablation field, zero at init.
             scale_embed=False,
+            # Rematerialisation of the blocks (models/remat.py): "none", "full" or "dots" (keep
+            # the Dense outputs, recompute attention and the elementwise ops).
+            remat="none",
             size=config_lib.rar({"rar_b": "B", "rar_l": "L", "micro": "micro"}.get(arg, "tiny")),
         )
     )
     c.label_dropout = 0.1
     c.batch_size = 2048 if paper else 64
+    # Gradient accumulation (train/accumulate.py): k microbatches scanned inside the one jitted
+    # step, one optimizer update; the cross-entropy is a mean, so k changes only the summation
+    # order (and each microbatch draws its own orders / label dropout). batch_size must be a
+    # multiple of k x the batch shards. The paper runs keep 1 (2048 per step); on fewer chips
+    # set it so that 2048 / k images fit per step.
+    c.grad_accum_steps = 1
     c.total_steps = 250_000 if paper else 2_000
     c.num_epochs = config_dict.placeholder(float)
     # Random-order probability 1 until anneal_start, linear to 0 at anneal_end (raster after).

@@ -10,6 +10,12 @@ COMMAND (TPU pod / GPU node; ImageNet prepared by tfds from manual_dir, DINO wei
 
 Expected (paper, Table 2): rFID 1.02, pFID 2.28 with the EMA weights after 200 epochs.
 
+On fewer chips: grad_accum_steps=1 here (the paper's 1024 per update); set
+``--config.grad_accum_steps=k`` to run the same global batch as k microbatches of 1024/k (1024
+must stay a multiple of k x devices). perturbation.group_size=128 then still perturbs the first
+12 of every 128 samples of a microbatch (the code's per-GPU batch; it must divide 1024/k), and
+``--config.gan.adaptive_weight_groups=<devices>`` gives the code's per-GPU λ per microbatch.
+
 Where the paper and the official code disagree (robustok.md "(!)"), this config follows the code
 that produced the released checkpoint unless noted; each choice is a named field:
   * perturbation.exclude_clean=False — the code draws the replacement rank from [0, δ), so a chosen

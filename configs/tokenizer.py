@@ -69,6 +69,16 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         )
     )
     c.batch_size = 64  # global
+    # Gradient accumulation (train/accumulate.py): the global batch is split into this many
+    # microbatches, scanned inside the one jitted step; one optimizer update per step. On fewer
+    # chips, raise it to keep the global batch. Microbatch i holds samples i, i+k, i+2k, ..., so
+    # batch_size must be a multiple of grad_accum_steps x the batch shards. What becomes per
+    # microbatch: the GAN adaptive weight (gan.adaptive_weight_groups groups per microbatch), the
+    # perturbed samples (perturbation.group_size counts samples of a microbatch) and the
+    # semantic InfoNCE negatives;
+    # the LeCAM EMAs kept are updated with the whole batch's mean logits (each microbatch's
+    # LeCAM term sees its own update) and dead-code restart sees the whole batch.
+    c.grad_accum_steps = 1
     c.eval_batch_size = 100  # global
 
     c.model = ml_collections.ConfigDict(
@@ -85,6 +95,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             # patch kernel and position grid are resampled to this model's patch and grid size.
             encoder_init=config_dict.placeholder(str),
             decoder_init=config_dict.placeholder(str),
+            # Rematerialisation of the ViT blocks (models/remat.py): "none", "full" (recompute
+            # each block in the backward pass) or "dots" (keep the Dense outputs). Less
+            # activation memory for more compute; the parameters are the same.
+            remat="none",
         )
     )
 

@@ -191,7 +191,7 @@ def test_the_lock_is_reentrant_and_nests_into_sub_directories(tmp_path):
     assert _other_process_can_lock(tmp_path)
 
 
-def test_only_process_0_locks_and_object_stores_are_not_locked(tmp_path, caplog):
+def test_only_process_0_locks_and_unknown_url_schemes_are_not_locked(tmp_path, caplog):
     proc = _holder(tmp_path)
     try:
         with workdir_lock.hold(tmp_path, process_index=1):
@@ -199,9 +199,30 @@ def test_only_process_0_locks_and_object_stores_are_not_locked(tmp_path, caplog)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    with caplog.at_level("WARNING"), workdir_lock.hold("gs://bucket/run", process_index=0):
+    with caplog.at_level("WARNING"), workdir_lock.hold("nosuch://bucket/run", process_index=0):
         pass
-    assert "gs://bucket/run is not on a local filesystem: it cannot be locked" in caplog.text
+    assert "Workdir nosuch://bucket/run cannot be locked" in caplog.text
+
+
+def test_an_object_store_lease_is_created_only_if_absent_and_deleted_on_release():
+    """On tensorstore's in-memory store, which honours generation preconditions as GCS does (the
+    GCS emulator of test_gcs.py does not): a run that read "no lock" just before ours was
+    written loses its conditional create."""
+    url = f"memory://leases/{os.getpid()}-{time.monotonic_ns()}"
+    kv = workdir_lock._kvstore(url)
+    absent = kv.read("never-written").result().stamp.generation
+    with workdir_lock.hold(url, process_index=0), workdir_lock.hold(url, process_index=0):
+        held = kv.read(workdir_lock.LOCK_NAME).result()
+        assert json.loads(held.value)["pid"] == os.getpid()
+        assert not kv.write(workdir_lock.LOCK_NAME, b"{}", if_equal=absent).result().generation
+        fresh = {"host": "h2", "pid": 7, "command": "c", "started": "s", "renewed": time.time()}
+    assert kv.read(workdir_lock.LOCK_NAME).result().state == "missing"  # both levels released
+    kv.write(workdir_lock.LOCK_NAME, json.dumps(fresh).encode()).result()
+    with (
+        pytest.raises(workdir_lock.WorkdirLockedError, match="pid 7 on h2"),
+        workdir_lock.hold(url, process_index=0),
+    ):
+        pass
 
 
 def test_train_refuses_a_workdir_another_run_holds(tmp_path):

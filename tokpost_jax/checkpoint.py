@@ -41,6 +41,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from tokpost_jax import files
 from tokpost_jax.files import DiskFullError
 
 ITEMS = ("state", "data", "config", "digest")
@@ -51,8 +52,7 @@ _TMP_MARKER = ".orbax-checkpoint-tmp"
 
 def _absolute(directory: str | os.PathLike) -> epath.Path:
     """Orbax needs absolute paths; a relative ``--workdir`` (as in the README) is made absolute."""
-    text = os.fspath(directory)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    return files.path(directory)
 
 
 class CheckpointError(RuntimeError):

@@ -531,6 +531,83 @@ def _not_epochs(env: Env) -> bool:
 DTYPES = ("float32", "bfloat16", "float16")
 PARAMS_KEYS = ("params", "ema_params")
 
+
+def _remat_policies() -> tuple[str, ...]:
+    from tokpost_jax.models.remat import REMAT_POLICIES  # the models own them (imports jax)
+
+    return REMAT_POLICIES
+
+
+def _microbatch(env: Env) -> int | None:
+    """batch_size / grad_accum_steps (tokpost_jax.train.accumulate), or None while either is
+    invalid or they do not divide (their own rules report that)."""
+    b, k = env.get("batch_size"), env.get("grad_accum_steps", 1)
+    if not (_is_int(b) and b >= 1 and _is_int(k) and k >= 1) or b % k:
+        return None
+    return b // k
+
+
+def _accumulation_rule() -> Rule:
+    """k microbatches, each split evenly over the batch shards: batch_size % (k·shards) == 0.
+    Reported only where k is the cause (a batch the shards cannot split is the batch rule's)."""
+
+    def test(k: Any, env: Env) -> bool:
+        b, shards = env.get("batch_size"), env.batch_shards or 1
+        if not (_is_int(k) and k >= 1 and _is_int(b) and b >= 1) or b % shards:
+            return True
+        return b % (k * shards) == 0
+
+    def allowed(env: Env) -> str:
+        shards = env.batch_shards or 1
+        return (f"must split {env.show('batch_size')} into microbatches that divide over the "
+                f"{shards} batch shard(s): batch_size must be a multiple of grad_accum_steps x "
+                f"{shards} (mesh {env.mesh_sizes})")
+
+    return Rule("grad_accum_steps", test, allowed)
+
+
+def _divides_microbatch(key: str, what: str, zero_ok: bool = False, **kw: Any) -> Rule:
+    """``key`` (a count of samples or groups) divides the microbatch; with ``zero_ok`` 0 means
+    the whole microbatch."""
+
+    def test(v: Any, env: Env) -> bool:
+        micro = _microbatch(env)
+        if micro is None or not _is_int(v) or v < 0 or (v == 0 and zero_ok):
+            return True
+        return v >= 1 and micro % v == 0
+
+    def allowed(env: Env) -> str:
+        return (f"must divide the microbatch batch_size / grad_accum_steps = {_microbatch(env)} "
+                f"({env.show('batch_size')}, {env.show('grad_accum_steps')}): {what}")
+
+    return Rule(key, test, allowed, **kw)
+
+
+def _perturbs_someone_rule() -> Rule:
+    """⌊β·G⌋ >= 1 per group of G samples of a microbatch (G = group_size, 0: the microbatch);
+    the stage refuses the same (train/perturb_schedule.py), here before anything is built."""
+
+    def group(env: Env) -> int | None:
+        g, micro = env.get("perturbation.group_size"), _microbatch(env)
+        if not _is_int(g) or g < 0 or micro is None:
+            return None
+        return g or micro
+
+    def test(beta: Any, env: Env) -> bool:
+        g = group(env)
+        if g is None or not _is_number(beta) or not 0 <= beta <= 1:
+            return True
+        return math.floor(float(beta) * g) >= 1
+
+    def allowed(env: Env) -> str:
+        g = group(env)
+        return (f"selects ⌊β·{g}⌋ = 0 samples per group of {g} ({env.show('batch_size')}, "
+                f"{env.show('grad_accum_steps')}, {env.show('perturbation.group_size')}), so the "
+                "perturbation would never act; raise beta or group_size, lower grad_accum_steps, "
+                "or set perturbation.enabled=False")
+
+    return Rule("perturbation.beta", test, allowed, when=_enabled("perturbation"))
+
 #: Every trainer: the loop (tokpost_jax.train.loop) and the optimizer.
 COMMON_RULES: tuple[Any, ...] = (
     integer("seed", lo=0),
@@ -549,6 +626,8 @@ COMMON_RULES: tuple[Any, ...] = (
     Within("data", data_rules()),
     *optim_rules("optim"),
     number("optim.ema_decay", lo=0, below=1),
+    integer("grad_accum_steps", lo=1),
+    _accumulation_rule(),
 )
 
 
@@ -578,6 +657,9 @@ GAN_RULES: tuple[Any, ...] = (
     number("gan.adaptive_max", above=0, when=_enabled("gan")),
     number("gan.adaptive_eps", above=0, when=_enabled("gan")),
     integer("gan.adaptive_weight_groups", lo=1, when=_enabled("gan")),
+    _divides_microbatch("gan.adaptive_weight_groups", "λ is computed per contiguous group of "
+                        "each microbatch", when=lambda env: _enabled_in(env, "gan")
+                        and bool(env.get("gan.adaptive_weight"))),
     number("gan.lecam_weight", lo=0, when=_enabled("gan")),
     number("gan.lecam_decay", lo=0, hi=1, when=_enabled("gan")),
     integer("gan.dino_image_size", lo=1, when=_enabled("gan")),
@@ -597,6 +679,7 @@ def _klvae_param_groups() -> tuple[str, ...]:
 #: The tokenizer families' own fields (models/build.py), by ``model.kind``.
 TOKENIZER_MODEL_RULES: tuple[Any, ...] = (
     one_of("model.kind", ("vit_vq", "coda")),
+    one_of("model.remat", _remat_policies),
     integer("model.codebook_size", lo=1),
     # ViT VQ (models/tokenizer.py)
     integer("model.patch_size", lo=1, when=_kind("vit_vq")),
@@ -644,6 +727,10 @@ RECONSTRUCTION_RULES: tuple[Any, ...] = (
     one_of("perturbation.neighbours", ("feature", "value", "key"),
            when=lambda env: _enabled_in(env, "perturbation") and _kind("coda")(env)),
     integer("perturbation.group_size", lo=0, when=_enabled("perturbation")),
+    _divides_microbatch("perturbation.group_size", "⌊β·G⌋ samples are perturbed per contiguous "
+                        "group of G samples of each microbatch (0: the whole microbatch)",
+                        zero_ok=True, when=_enabled("perturbation")),
+    _perturbs_someone_rule(),
     integer("perturbation.min_side", lo=1, when=_enabled("perturbation")),
     *GAN_RULES,
     *_fid_eval_rules(),
@@ -663,6 +750,7 @@ TOKENIZER_RULES: tuple[Any, ...] = (
 VAE_RULES: tuple[Any, ...] = (
     *COMMON_RULES,
     one_of("model.kind", ("klvae",)),
+    one_of("model.remat", _remat_policies),
     equals("model.resolution", "data.image_size"),
     integer("model.ch", lo=1),
     integer("model.norm_groups", lo=1),
@@ -698,6 +786,8 @@ VAE_RULES: tuple[Any, ...] = (
 CODA_RULES: tuple[Any, ...] = (
     *RECONSTRUCTION_RULES,
     one_of("model.kind", ("coda",)),
+    _divides_microbatch("model.quantizer.entropy_groups", "the entropy's batch distribution is "
+                        "taken per group of each microbatch"),
     one_of("optim.decay_mask", ("all", "default")),
     one_of("optim.ema_schedule", ("constant", "coda")),
     number("optim.ema_start", lo=0),
@@ -736,6 +826,7 @@ GENERATOR_RULES: tuple[Any, ...] = (
     *COMMON_RULES,
     integer("model.num_classes", lo=1),
     boolean("model.scale_embed"),
+    one_of("model.remat", _remat_policies),
     *vit_rules("model.size"),
     number("model.size.dropout", lo=0, below=1),
     number("model.size.attn_dropout", lo=0, below=1),
@@ -892,6 +983,14 @@ def check_pipeline_config(
     stages = (("tokenizer", True), ("generator", True), ("post_train", False))
     if hasattr(lookup(config, "vae"), "keys"):  # the CODA pipeline trains its VAE first
         stages = (("vae", False), *stages)
+    elif env.get("tokenizer.model.kind") == "coda" and not (
+        env.get("tokenizer.model.vae_init") or env.get("tokenizer.model.coda_init")
+    ):  # without a VAE stage nothing fills vae_init, and a random frozen VAE is no tokenizer
+        errors.append(ConfigValueError(
+            "tokenizer.model.vae_init", None,
+            "must be set (a VAE weights file or workdir, e.g. MAR's kl16.safetensors) or "
+            "tokenizer.model.coda_init: this pipeline has no vae stage",
+        ))
     for stage, evaluated in stages:
         if not hasattr(lookup(config, stage), "keys"):
             errors.append(ConfigError(f"config.{stage} is missing; the pipeline runs that stage"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -80,12 +81,66 @@ def mesh(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"data": data, "fsdp": fsdp})
 
 
+#: The ``configs/`` directory beside the installed ``tokpost_jax`` package: the repository's in a
+#: checkout or an editable install, ``site-packages/configs`` when installed from a wheel (the
+#: wheel ships ``configs`` as a package; see pyproject.toml).
+INSTALLED_CONFIGS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
+)
+
+
+def resolve_config_path(path: str) -> str:
+    """``path`` itself when it exists; else ``configs/<x>.py`` resolved against the installed
+    :data:`INSTALLED_CONFIGS`, so the commands in the configs' docstrings work from any directory
+    after a ``pip install`` (the repository's ``configs/`` is not in the cwd there)."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) > 1 and parts[0] == "configs":
+        installed = os.path.join(INSTALLED_CONFIGS, *parts[1:])
+        if os.path.exists(installed):
+            return installed
+    return path
+
+
+def resolve_config_spec(spec: str) -> str:
+    """``path[:arg]`` (a ``--config`` value) with its path through :func:`resolve_config_path`."""
+    path, sep, arg = spec, "", ""
+    if ":" in os.path.basename(spec):
+        path, arg = spec.rsplit(":", 1)
+        sep = ":"
+    return resolve_config_path(path) + sep + arg
+
+
+def resolve_config_argv(argv: Sequence[str], names: Sequence[str] = ("config",)) -> list[str]:
+    """``argv`` with every ``--<name>=PATH[:arg]`` / ``--<name> PATH[:arg]`` value resolved by
+    :func:`resolve_config_spec` (``--config.x=...`` overrides and arguments after ``--`` are left
+    alone): ml_collections opens the flag's path as given, relative to the cwd."""
+    out = list(argv)
+    flag_forms = {f"{dash}{n}" for n in names for dash in ("-", "--")}
+    i = 1
+    while i < len(out):
+        arg = out[i]
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        if name in flag_forms and eq:
+            out[i] = f"{name}={resolve_config_spec(value)}"
+        elif arg in flag_forms and i + 1 < len(out):
+            out[i + 1] = resolve_config_spec(out[i + 1])
+            i += 1
+        i += 1
+    return out
+
+
 def load_config_file(
     path: str, arg: str | None = None, lock: bool = True
 ) -> ml_collections.ConfigDict:
-    """Loads ``configs/x.py:arg`` outside absl (tests, notebooks) exactly as the flag would."""
+    """Loads ``configs/x.py:arg`` outside absl (tests, notebooks) exactly as the flag would;
+    ``configs/...`` falls back to the installed configs (:func:`resolve_config_path`)."""
     if arg is None and ":" in os.path.basename(path):
         path, arg = path.rsplit(":", 1)
+    path = resolve_config_path(path)
     spec = importlib.util.spec_from_file_location("_tokpost_config", path)
     if spec is None or spec.loader is None:
         raise FileNotFoundError(f"No config file at {path}")

@@ -7,12 +7,11 @@ a typo in a key is a one-line error that names the key and the closest valid one
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import flags, logging
 
-from tokpost_jax import cli
+from tokpost_jax import cli, files
 
 CONFIG_FILES = (
     "tokenizer", "robustok_imagenet", "rar", "post_train", "klvae", "coda", "coda_imagenet"
@@ -27,8 +26,8 @@ def summary_table(history: list[dict], workdir: str) -> str:
     lines += [f"{k:<34}{first.get(k, float('nan')):>14.4f}{final[k]:>14.4f}" for k in keys]
     return (
         f"Done. Workdir: {workdir}\n"
-        f"  reconstructions (PNG): {os.path.join(workdir, 'images')}\n"
-        f"  metrics: {os.path.join(workdir, 'eval_history.jsonl')}, "
+        f"  reconstructions (PNG): {files.join(workdir, 'images')}\n"
+        f"  metrics: {files.join(workdir, 'eval_history.jsonl')}, "
         f"tensorboard --logdir {workdir}\n" + "\n".join(lines)
     )
 

@@ -17,8 +17,6 @@ recall without and with post-training) and ``<workdir>/samples_before_after.png`
 from __future__ import annotations
 
 import io
-import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +28,7 @@ import numpy as np
 from absl import flags, logging
 
 from tokpost_jax import checkpoint as ckpt_lib
-from tokpost_jax import cli, files, workdir_lock
+from tokpost_jax import cli, files, multihost, workdir_lock
 from tokpost_jax import images as images_lib
 from tokpost_jax import sharding as shd
 from tokpost_jax.models import build
@@ -54,28 +52,30 @@ def _copy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def stage_done(directory: str) -> dict | None:
     """The results a finished stage wrote to ``<directory>/DONE.json``, or None."""
-    path = os.path.join(directory, "DONE.json")
-    if not os.path.exists(path):
+    path = files.join(directory, "DONE.json")
+    if not files.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(path)
 
 
 def run_stage(directory: str, name: str, fn: Callable[[], dict], what: str = "pipeline") -> dict:
     """Runs ``fn`` in ``directory`` once: a finished stage (its DONE.json) is skipped, an
-    unfinished one reruns (the trainers, shard writers and evaluators resume themselves)."""
-    finished = stage_done(directory)
+    unfinished one reruns (the trainers, shard writers and evaluators resume themselves).
+
+    Process 0 decides whether the stage is done (its disk holds DONE.json) and every process
+    gets its answer, so hosts never disagree about which stage runs."""
+    finished = multihost.decided_by_process0(lambda: stage_done(directory))
     if finished is not None:
         logging.info("Stage %s: done before, skipped.", name)
         print(f"[{what}] {name}: done (skipped)", flush=True)
         return finished
-    os.makedirs(directory, exist_ok=True)
+    files.makedirs(directory)
     print(f"[{what}] {name}: running", flush=True)
     t0 = time.time()
     result = fn()
     result = {**result, "seconds": round(time.time() - t0, 1)}
     if jax.process_index() == 0:
-        files.write_json(os.path.join(directory, "DONE.json"), result)
+        files.write_json(files.join(directory, "DONE.json"), result)
     print(f"[{what}] {name}: finished in {result['seconds']:.0f}s", flush=True)
     return result
 
@@ -85,7 +85,7 @@ class Pipeline:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = files.absolute(workdir)  # a gs:// workdir stays a URL
         tok = self.tokenizer = _copy(config.tokenizer)
         # A CODA pipeline trains its continuous VAE first; the tokenizer adapts that run.
         self.vae = _copy(config.vae) if "vae" in config else None
@@ -113,11 +113,11 @@ class Pipeline:
         self.rules = shd.rules_tuple(config.sharding_rules)
 
     def dir(self, stage: str) -> str:
-        return os.path.join(self.workdir, stage)
+        return files.join(self.workdir, stage)
 
     @property
     def reference_path(self) -> str:
-        return os.path.join(self.dir("reference"), "reference.npz")
+        return files.join(self.dir("reference"), "reference.npz")
 
     # ---- stage bookkeeping ---------------------------------------------------------------------
     def done(self, stage: str) -> dict | None:
@@ -184,11 +184,11 @@ class Pipeline:
         return {"steps": int(self.generator.total_steps)}
 
     def tokenizer_params(self, stage: str, key: str = "ema_params") -> Any:
-        return ckpt_lib.load_params(os.path.join(self.dir(stage), "checkpoints"), key=key)
+        return ckpt_lib.load_params(files.join(self.dir(stage), "checkpoints"), key=key)
 
     def generator_params(self) -> Any:
         key = "ema_params" if self.generator.optim.ema_decay else "params"
-        return ckpt_lib.load_params(os.path.join(self.dir("generator"), "checkpoints"), key=key)
+        return ckpt_lib.load_params(files.join(self.dir("generator"), "checkpoints"), key=key)
 
     def _evaluator(self):
         from tokpost_jax.metrics import generation
@@ -216,11 +216,11 @@ class Pipeline:
                     buffer = io.BytesIO()
                     np.savez(buffer, samples)
                     files.write_bytes(
-                        os.path.join(self.dir(stage), f"samples_{name}.npz"), buffer.getvalue()
+                        files.join(self.dir(stage), f"samples_{name}.npz"), buffer.getvalue()
                     )
                     images_lib.save_png(
                         ev.grid(samples[: self.config.num_grid_images]),
-                        os.path.join(self.dir(stage), f"samples_{name}.png"),
+                        files.join(self.dir(stage), f"samples_{name}.png"),
                     )
             if stage == "gfid_before" and self.config.uniform_token_baseline:
                 out["uniform_tokens"], _ = ev.run_uniform_tokens(
@@ -261,7 +261,7 @@ class Pipeline:
 
     # ---- the whole thing ---------------------------------------------------------------------
     def run(self) -> dict:
-        os.makedirs(self.workdir, exist_ok=True)
+        files.makedirs(self.workdir)
         with workdir_lock.hold(self.workdir):
             return self._run()
 
@@ -281,8 +281,8 @@ class Pipeline:
         results = {stage: self.run_stage(stage, steps[stage]) for stage in self.stages}
         table = results_table(results)
         if jax.process_index() == 0:
-            files.write_json(os.path.join(self.workdir, "results.json"), results)
-            files.write_text(os.path.join(self.workdir, "results.md"), table + "\n")
+            files.write_json(files.join(self.workdir, "results.json"), results)
+            files.write_text(files.join(self.workdir, "results.md"), table + "\n")
             self.side_by_side()
         print(table, flush=True)
         return results
@@ -291,17 +291,20 @@ class Pipeline:
         """Before / after grids of the same token sequences, next to each other."""
         from PIL import Image
 
-        paths = [os.path.join(self.dir("gfid_before"), "samples_main.png"),
-                 os.path.join(self.dir("gfid_after"), "samples_post_ema.png")]
-        if not all(os.path.exists(p) for p in paths):
+        paths = [files.join(self.dir("gfid_before"), "samples_main.png"),
+                 files.join(self.dir("gfid_after"), "samples_post_ema.png")]
+        if not all(files.exists(p) for p in paths):
             return
-        grids = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+        grids = []
+        for p in paths:
+            with files.open_read(p) as f, Image.open(f) as pil:
+                grids.append(np.asarray(pil.convert("RGB")))
         h = max(g.shape[0] for g in grids)
         pad = np.full((h, 8, 3), 255, np.uint8)
         padded = [np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)
                   for g in grids]
         images_lib.save_png(np.concatenate([padded[0], pad, padded[1]], axis=1),
-                            os.path.join(self.workdir, "samples_before_after.png"))
+                            files.join(self.workdir, "samples_before_after.png"))
 
 
 _COLUMNS = (("fid", "gFID"), ("sfid", "sFID"), ("precision", "Precision"), ("recall", "Recall"),

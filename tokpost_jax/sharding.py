@@ -135,6 +135,39 @@ def place_host_params(host: Any, abstract_boxed: Any, mesh: Mesh, rules: Rules, 
     return jax.tree.map(jax.device_put, host, shardings)
 
 
+#: A global batch at least this large, or one of these data sets, is a paper-size run.
+PAPER_SCALE_BATCH = 256
+PAPER_SCALE_DATA = ("imagenet2012",)
+_warned_cpu_scale = False
+
+
+def warn_if_paper_scale_on_cpu(config: Any) -> bool:
+    """Logs one warning (per process) when a paper-size config starts on CPU; returns whether.
+
+    Why: a batch-1024 ImageNet run on XLA:CPU neither fails nor finishes (hours per step), and
+    the usual cause is a missing accelerator plugin (``pip install -e '.[tpu]'`` / ``'.[cuda]'``),
+    which is otherwise silent.
+    """
+    global _warned_cpu_scale
+    batch = int(config.get("batch_size") or 0)
+    data = config.get("data")
+    name = data.get("name") if data is not None else None
+    if jax.default_backend() != "cpu" or _warned_cpu_scale:
+        return False
+    if batch < PAPER_SCALE_BATCH and name not in PAPER_SCALE_DATA:
+        return False
+    _warned_cpu_scale = True
+    from absl import logging
+
+    logging.warning(
+        "Paper-size run on CPU (batch_size=%d, data %s, %d CPU device(s)): this is for TPUs/GPUs "
+        "and will take hours per step here. Install the accelerator's JAX (pip install -e "
+        "'.[tpu]' or '.[cuda]'), or check sizes first with python -m tokpost_jax.cli.aot_compile.",
+        batch, name, jax.device_count(),
+    )
+    return True
+
+
 def padded_host_batches(array: np.ndarray, batch_size: int):
     """Fixed-size global batches of ``array`` (held identically on every host): yields this host's
     slice of each, the last one zero-padded, and the global mask of real rows.

@@ -10,10 +10,18 @@ the project): a flock belongs to one inode, and a renamed-over file would let th
 a fresh inode while the holder still runs. It is never deleted for the same reason.
 
 Only process 0 of a multi-host job takes it (the workdir is shared; the other processes run
-under process 0's lock). Object-store workdirs (``gs://...``) have no file locks: that is said
-in one log line and the run goes on unlocked. flock works on local disks and on NFSv4 (where
-Linux maps it to a byte-range lock); on other network filesystems it may only exclude
-processes on the same host.
+under process 0's lock). flock works on local disks and on NFSv4 (where Linux maps it to a
+byte-range lock); on other network filesystems it may only exclude processes on the same host.
+
+Object-store workdirs (``gs://...``) have no file locks, so there the lock is a lease: the
+``.lock`` object is created only if absent (a write conditioned on "no object", GCS's
+``ifGenerationMatch=0``, through tensorstore, which Orbax already uses), a background thread
+renews it every :data:`RENEW_SECONDS` (each renewal conditioned on the object being still ours),
+and release deletes it. Nothing releases the lease of a killed run, so a lock not renewed for
+:data:`LEASE_SECONDS`, or held by a process of this host that no longer exists, is stale and
+the next run takes it over (again conditionally, so of two runs racing for a stale lock one
+wins); a run resumed on another host sooner after a kill is told how long to wait, or to delete
+the object. A scheme tensorstore cannot open is run unlocked, with one log line saying so.
 
 Re-entrant within a process: a pipeline holding the lock on its workdir may call commands that
 take it again on the same directory or on a sub-directory.
@@ -24,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -31,10 +40,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from absl import logging
 
 LOCK_NAME = ".lock"
+#: An object-store lock not renewed for this long belongs to a dead run and may be taken over.
+LEASE_SECONDS = 120.0
+#: How often the holder renews its object-store lock.
+RENEW_SECONDS = 20.0
 
 
 class WorkdirLockedError(RuntimeError):
@@ -62,13 +76,7 @@ def _holder_text(fd: int) -> str:
 
 
 def _record(fd: int) -> None:
-    info = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "command": " ".join(sys.argv) or sys.executable,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    data = (json.dumps(info) + "\n").encode("utf-8")
+    data = (json.dumps(_info()) + "\n").encode("utf-8")
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     os.fsync(fd)
@@ -110,6 +118,146 @@ def _release(path: str) -> None:
         os.close(fd)  # releases the flock; the file stays (see the module docstring)
 
 
+def _info() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": " ".join(sys.argv) or sys.executable,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+@functools.cache
+def _kvstore(url: str) -> Any:
+    """The tensorstore key-value store of a workdir URL (cached: one per URL and process)."""
+    import tensorstore as ts
+
+    return ts.KvStore.open(url.rstrip("/") + "/").result()
+
+
+def _dead_here(holder: dict) -> bool:
+    """True when ``holder`` names a process of this host that has exited (a killed run)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    return False
+
+
+class _Lease:
+    """The object-store lock: a conditionally created ``.lock`` object, renewed by a thread."""
+
+    def __init__(self, url: str):
+        self.url, self.where = url, url.rstrip("/") + "/" + LOCK_NAME
+        self.kv = _kvstore(url)
+        self.generation = b""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _payload(self, info: dict) -> bytes:
+        return (json.dumps({**info, "renewed": time.time(), "lease_s": LEASE_SECONDS}) + "\n"
+                ).encode("utf-8")
+
+    def acquire(self) -> None:
+        info = _info()
+        for _ in range(3):  # a lost race re-reads what won
+            current = self.kv.read(LOCK_NAME).result()
+            if current.state == "value":
+                try:
+                    holder = json.loads(current.value.decode("utf-8"))
+                    age = time.time() - float(holder["renewed"])
+                    lease = float(holder.get("lease_s", LEASE_SECONDS))
+                except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                    holder, age, lease = {}, float("inf"), LEASE_SECONDS
+                if age <= lease and not _dead_here(holder):
+                    who = (f"pid {holder.get('pid')} on {holder.get('host')}, started "
+                           f"{holder.get('started')}, command: {holder.get('command')}")
+                    raise WorkdirLockedError(
+                        f"workdir {self.url} is in use by another run ({who}; lock {self.where}, "
+                        f"renewed {age:.0f}s ago): wait for it to finish, stop it, or use another "
+                        f"--workdir; if that run is dead, its lock is stale after {lease:.0f}s "
+                        f"without renewal (or delete {self.where})"
+                    )
+                logging.warning("Taking over the stale lock %s (its run is gone or has not "
+                                "renewed it for %.0fs).", self.where, age)
+            stamp = self.kv.write(
+                LOCK_NAME, self._payload(info), if_equal=current.stamp.generation
+            ).result()
+            if stamp.generation:  # empty: the condition failed, someone else wrote first
+                self.generation = stamp.generation
+                break
+        else:
+            raise WorkdirLockedError(f"workdir {self.url}: lost the race for {self.where} "
+                                     "to another run; retry")
+        self._thread = threading.Thread(
+            target=self._renew, args=(info,), name="workdir-lease", daemon=True
+        )
+        self._thread.start()
+
+    def _renew(self, info: dict) -> None:
+        while not self._stop.wait(RENEW_SECONDS):
+            try:
+                stamp = self.kv.write(
+                    LOCK_NAME, self._payload(info), if_equal=self.generation
+                ).result()
+            except Exception as e:  # a network hiccup: try again next period
+                logging.warning("Could not renew the lock %s: %s", self.where, e)
+                continue
+            if not stamp.generation:
+                logging.error("The lock %s was taken over by another run: two runs now share "
+                              "%s; stop one of them.", self.where, self.url)
+                return
+            self.generation = stamp.generation
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.kv.write(LOCK_NAME, None, if_equal=self.generation).result()
+        except Exception as e:  # the lease then simply expires
+            logging.warning("Could not delete the lock %s (%s); it expires in %.0fs.",
+                            self.where, e, LEASE_SECONDS)
+
+
+_leases: dict[str, tuple[_Lease, int]] = {}  # lock object URL → (lease, nesting depth)
+
+
+@contextlib.contextmanager
+def _hold_remote(url: str) -> Iterator[None]:
+    where = url.rstrip("/") + "/" + LOCK_NAME
+    with _guard:
+        if where in _leases:
+            lease, depth = _leases[where]
+            _leases[where] = (lease, depth + 1)
+        else:
+            try:
+                lease = _Lease(url)
+            except Exception as e:  # a scheme tensorstore has no driver for
+                logging.warning(
+                    "Workdir %s cannot be locked (%s): make sure no other run uses it.", url, e
+                )
+                lease = None
+            if lease is not None:
+                lease.acquire()
+                _leases[where] = (lease, 1)
+    try:
+        yield
+    finally:
+        with _guard:
+            if where in _leases:
+                lease, depth = _leases[where]
+                if depth > 1:
+                    _leases[where] = (lease, depth - 1)
+                else:
+                    del _leases[where]
+                    lease.release()
+
+
 @contextlib.contextmanager
 def hold(workdir: str | os.PathLike, *, process_index: int | None = None) -> Iterator[None]:
     """Holds the exclusive lock on ``workdir`` (created if missing) for the ``with`` block.
@@ -126,12 +274,8 @@ def hold(workdir: str | os.PathLike, *, process_index: int | None = None) -> Ite
         yield
         return
     if not _is_local(text):
-        logging.warning(
-            "Workdir %s is not on a local filesystem: it cannot be locked, so make sure no "
-            "other run uses it.",
-            text,
-        )
-        yield
+        with _hold_remote(text):
+            yield
         return
     os.makedirs(text, exist_ok=True)
     path = os.path.join(os.path.realpath(text), LOCK_NAME)

@@ -19,13 +19,12 @@ rerun skips what is done and resumes what is not. Writes ``<workdir>/results.md`
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 from absl import flags
 
-from tokpost_jax import cli
+from tokpost_jax import cli, files
 
 ARMS = ("vq", "rvq", "attn_noent", "attn", "coda")
 LABELS = {
@@ -58,7 +57,7 @@ def arm_config(fl: dict[str, Any], arm: str, seed: int) -> Any:
         raise ConfigValueError("arms", arm, f"must be among {list(ARMS)}")
     c = config_lib.load_config_file(fl["config_file"].value, arm, lock=False)
     c.seed = seed
-    c.model.vae_init = os.path.abspath(fl["vae_workdir"].value)
+    c.model.vae_init = files.absolute(fl["vae_workdir"].value)
     if fl["steps"].value:
         c.total_steps = c.eval_every_steps = fl["steps"].value
     c.fid_eval.update(num_images=fl["num_images"].value, pfid=False)
@@ -102,34 +101,34 @@ def table(results: dict[str, dict]) -> str:
 def main(fl: dict[str, Any]) -> None:
     import jax
 
-    from tokpost_jax import files, workdir_lock
+    from tokpost_jax import workdir_lock
     from tokpost_jax.metrics.tokenizer import evaluate_checkpoint
     from tokpost_jax.pipeline import run_stage
     from tokpost_jax.train.loop import train
     from tokpost_jax.train.registry import stage_class
 
-    root = os.path.abspath(fl["workdir"].value)
-    os.makedirs(root, exist_ok=True)
+    root = files.absolute(fl["workdir"].value)
+    files.makedirs(root)
     results: dict[str, dict] = {}
     with workdir_lock.hold(root):
         for seed in (int(s) for s in fl["seeds"].value):
             for arm in fl["arms"].value:
                 cfg = arm_config(fl, arm, seed)
                 name = f"{arm}_s{seed}"
-                run_dir = os.path.join(root, name)
+                run_dir = files.join(root, name)
 
                 def run(cfg=cfg, run_dir=run_dir) -> dict:
-                    train(cfg, os.path.join(run_dir, "train"), stage_class(cfg.trainer))
+                    train(cfg, files.join(run_dir, "train"), stage_class(cfg.trainer))
                     return evaluate_checkpoint(
-                        cfg, os.path.join(run_dir, "train"), "ema_params",
-                        os.path.join(run_dir, "eval"),
+                        cfg, files.join(run_dir, "train"), "ema_params",
+                        files.join(run_dir, "eval"),
                     )
 
                 results[name] = run_stage(run_dir, name, run, what="ablation")
         text = table(results)
         if jax.process_index() == 0:
-            files.write_json(os.path.join(root, "results.json"), results)
-            files.write_text(os.path.join(root, "results.md"), text + "\n")
+            files.write_json(files.join(root, "results.json"), results)
+            files.write_text(files.join(root, "results.md"), text + "\n")
     print(text, flush=True)
 
 

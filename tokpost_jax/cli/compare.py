@@ -15,13 +15,11 @@ the sample count of each row and refuses runs whose counts differ.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from absl import flags
 
-from tokpost_jax import cli
+from tokpost_jax import cli, files
 
 COLUMNS = (
     ("rFID", lambda r: r["tokenizer_eval"].get("rfid")),
@@ -51,11 +49,10 @@ def read_runs(specs: list[str]) -> dict[str, dict]:
             from tokpost_jax.config_checks import ConfigValueError
 
             raise ConfigValueError("runs", spec, "must be name=pipeline_workdir")
-        path = os.path.join(workdir, "results.json")
-        if not os.path.exists(path):
+        path = files.join(workdir, "results.json")
+        if not files.exists(path):
             raise FileNotFoundError(f"{path}: not a finished pipeline run (no results.json)")
-        with open(path) as f:
-            runs[name] = json.load(f)
+        runs[name] = files.read_json(path)
     return runs
 
 

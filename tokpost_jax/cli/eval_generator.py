@@ -12,13 +12,12 @@ Writes ``<out>/metrics.json``, ``<out>/samples.npz`` (ADM layout: uint8 ``arr_0`
 from __future__ import annotations
 
 import io
-import os
 from typing import Any
 
 import numpy as np
 from absl import flags
 
-from tokpost_jax import cli
+from tokpost_jax import cli, files
 
 
 def define_flags() -> dict[str, Any]:
@@ -46,7 +45,7 @@ def evaluate_generator(
     from tokpost_jax.models import build
 
     key = params_key or ("ema_params" if config.optim.ema_decay else "params")
-    params = load_params(os.path.join(workdir, "checkpoints"), key=key)
+    params = load_params(files.join(workdir, "checkpoints"), key=key)
     mesh = shd.make_mesh(config.mesh)
     rules = shd.rules_tuple(config.sharding_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -59,9 +58,9 @@ def evaluate_generator(
     if jax.process_index() == 0:
         buffer = io.BytesIO()
         np.savez(buffer, samples)
-        files.write_bytes(os.path.join(out, "samples.npz"), buffer.getvalue())
-        save_png(ev.grid(samples[: config.num_grid_images]), os.path.join(out, "samples.png"))
-        files.write_json(os.path.join(out, "metrics.json"), result)
+        files.write_bytes(files.join(out, "samples.npz"), buffer.getvalue())
+        save_png(ev.grid(samples[: config.num_grid_images]), files.join(out, "samples.png"))
+        files.write_json(files.join(out, "metrics.json"), result)
     return result
 
 
@@ -69,7 +68,7 @@ def main(fl: dict[str, Any]) -> None:
     from tokpost_jax import config_checks
 
     config_checks.check_config(fl["config"].value, for_evaluation=True)
-    out = fl["out"].value or os.path.join(fl["workdir"].value, "gfid")
+    out = fl["out"].value or files.join(fl["workdir"].value, "gfid")
     result = evaluate_generator(
         fl["config"].value, fl["workdir"].value, fl["params"].value, out, fl["baseline"].value
     )

@@ -15,12 +15,11 @@ A killed run resumes with the same command; other settings into the same directo
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import flags
 
-from tokpost_jax import cli
+from tokpost_jax import cli, files
 from tokpost_jax.datagen import pairs
 
 
@@ -61,10 +60,10 @@ def main(fl: dict[str, Any]) -> None:
     mesh, rules = shd.make_mesh(config.mesh), shd.rules_tuple(config.sharding_rules)
     s = config.sampling
     with workdir_lock.hold(out):
-        gen_params = ckpt_lib.load_params(os.path.join(fl["workdir"].value, "checkpoints"),
+        gen_params = ckpt_lib.load_params(files.join(fl["workdir"].value, "checkpoints"),
                                           key=key)
         tok_params = ckpt_lib.load_params(
-            os.path.join(config.tokenizer_workdir, "checkpoints"), key=config.tokenizer_params_key
+            files.join(config.tokenizer_workdir, "checkpoints"), key=config.tokenizer_params_key
         )
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             result = pairs.generate_pairs(

@@ -13,12 +13,11 @@ an error instead of a mix.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import flags
 
-from tokpost_jax import cli
+from tokpost_jax import cli, files
 from tokpost_jax.datagen import tokens
 
 
@@ -55,7 +54,7 @@ def main(fl: dict[str, Any]) -> None:
     step, key = fl["step"].value, fl["params_key"].value
     with workdir_lock.hold(out):
         params, step = ckpt_lib.load_params(
-            os.path.join(workdir, "checkpoints"), key=key, step=step, with_step=True
+            files.join(workdir, "checkpoints"), key=key, step=step, with_step=True
         )
         result = tokens.pretokenize(
             config, params, out,
@@ -64,7 +63,7 @@ def main(fl: dict[str, Any]) -> None:
             mesh=shd.make_mesh(config.mesh), rules=config.sharding_rules,
             records_per_shard=fl["records_per_shard"].value,
             metadata={
-                "tokenizer_workdir": os.path.abspath(workdir),
+                "tokenizer_workdir": files.absolute(workdir),
                 "checkpoint_step": step,
                 "params_key": key,
             },

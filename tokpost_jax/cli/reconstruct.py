@@ -21,7 +21,6 @@ scale and shift are not in its files and come from ``model.latent_scale`` / ``la
 from __future__ import annotations
 
 import math
-import os
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from tokpost_jax import cli
+from tokpost_jax import cli, files
 from tokpost_jax.checkpoint import CheckpointError
 from tokpost_jax.config_checks import ConfigError
 from tokpost_jax.data import DataError
@@ -70,18 +69,19 @@ def define_flags() -> dict[str, Any]:
 # ---- inputs -------------------------------------------------------------------------------------
 def read_images(path: str, size: int) -> np.ndarray:
     """``arr_0`` of ``path`` as uint8 [N, size, size, 3]; anything else is one-line error."""
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(f"--images={path}: no such file")
     try:
-        z = np.load(path, allow_pickle=False)
-        if isinstance(z, np.ndarray):
-            raise ImagesError(f"--images={path}: a bare .npy array; save the images with "
-                              "np.savez(path, images) (they become arr_0)")
-        with z:
-            if IMAGES_KEY not in z.files:
-                raise ImagesError(f"--images={path}: no {IMAGES_KEY!r} array (has {z.files}); "
-                                  "save the images with np.savez(path, images)")
-            images = z[IMAGES_KEY]
+        with files.open_read(path) as f:  # a local file or a gs:// object
+            z = np.load(f, allow_pickle=False)
+            if isinstance(z, np.ndarray):
+                raise ImagesError(f"--images={path}: a bare .npy array; save the images with "
+                                  "np.savez(path, images) (they become arr_0)")
+            with z:
+                if IMAGES_KEY not in z.files:
+                    raise ImagesError(f"--images={path}: no {IMAGES_KEY!r} array (has "
+                                      f"{z.files}); save the images with np.savez(path, images)")
+                images = z[IMAGES_KEY]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         detail = str(e).splitlines()[0] if str(e) else "no detail"
         raise ImagesError(f"--images={path}: not a readable .npz ({type(e).__name__}: "
@@ -143,12 +143,12 @@ def _released_vae_mismatch(path: str, vae_cfg: Any) -> str | None:
     from tokpost_jax.convert import klvae as kc
     from tokpost_jax.convert.timm_vit import read_state_dict
 
-    if os.path.isdir(path):
+    if files.isdir(path):
         pair = next((p for p in kc.CODA_FILES
-                     if all(os.path.isfile(os.path.join(path, f)) for f in p)), None)
+                     if all(files.isfile(files.join(path, f)) for f in p)), None)
         if pair is None:
             return None
-        sd = read_state_dict(os.path.join(path, pair[0]))
+        sd = read_state_dict(files.join(path, pair[0]))
     else:
         sd = kc.split_coda_state_dict(read_state_dict(path))[0]
     if kc.detect_layout(sd) == "diffusers":
@@ -199,13 +199,13 @@ def load_weights(config: Any, path: str, params_key: str = "ema_params",
     from tokpost_jax.convert import klvae as kc
 
     kind = config.model.get("kind", "vit_vq")
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(f"--weights={path}: no such file or directory")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return ckpt_lib.load_params(os.path.join(path, "checkpoints"), key=params_key, step=step)
+    if files.isdir(files.join(path, "checkpoints")):
+        return ckpt_lib.load_params(files.join(path, "checkpoints"), key=params_key, step=step)
     released = kind == "coda" and (
-        os.path.isfile(path)
-        or any(all(os.path.isfile(os.path.join(path, f)) for f in p) for p in kc.CODA_FILES)
+        files.isfile(path)
+        or any(all(files.isfile(files.join(path, f)) for f in p) for p in kc.CODA_FILES)
     )
     if released:
         if params_key != "ema_params" or step is not None:
@@ -282,8 +282,6 @@ def reconstruct(
 
 def write_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     """``np.savez`` made atomic: a reader never sees half a file."""
-    from tokpost_jax import files
-
     files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tokpost_jax import files
 from tokpost_jax.convert.timm_vit import read_state_dict
 
 
@@ -134,7 +135,7 @@ def load_dino_backbone(path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]
     :class:`tokpost_jax.models.discriminator.DinoBackbone`).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(
             f"DINO weights file not found: {path!r} (expected e.g. dino_deitsmall16_pretrain.pth "
             "or a timm vit_small_patch16_224.dino .safetensors)")

@@ -33,6 +33,7 @@ import numpy as np
 
 from tokpost_jax import files
 from tokpost_jax.convert.torchscript import TorchCheckpointError, read_torch_checkpoint
+from tokpost_jax.files import PathLike
 
 __all__ = [
     "InceptionWeightsError",
@@ -95,15 +96,21 @@ def default_inception_path() -> Path:
     )
 
 
+def _expand(path: PathLike) -> str:
+    """``~`` expanded in local paths; URLs unchanged."""
+    text = os.fspath(path)
+    return os.path.expanduser(text) if files.is_local(text) else text
+
+
 def cache_dir() -> Path:
     """``$TOKPOST_CACHE`` or ``~/.cache/tokpost_jax``."""
     env = os.environ.get("TOKPOST_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tokpost_jax"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with files.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -401,8 +408,9 @@ def load_inception_params(
       InceptionWeightsNotFoundError: no file (with instructions on how to get one).
       InceptionWeightsError: the file is not an FID Inception checkpoint.
     """
-    src = default_inception_path() if path is None else Path(path).expanduser()
-    if not src.is_file():
+    # A local file or a gs:// object; the converted cache stays on the local disk.
+    src = default_inception_path() if path is None else files.path(_expand(path))
+    if not files.isfile(src):
         raise InceptionWeightsNotFoundError(f"no Inception weights file at {src}. {_HOW_TO_GET}")
     source_sha = _sha256(src)
     cache_path = None

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from tokpost_jax import files
 from tokpost_jax.convert.timm_vit import read_state_dict
 from tokpost_jax.models.klvae import IMAGE_CHANNELS
 from tokpost_jax.models.lora import lora_rank_for
@@ -598,7 +599,7 @@ def _vae_subtree(tree: Mapping[str, Any], source: str) -> Mapping[str, Any]:
 
 
 def _is_checkpoint_dir(path: str) -> bool:
-    return any(name.isdigit() for name in os.listdir(path))
+    return any(name.isdigit() for name in files.listdir(path))
 
 
 def _fill_lora(params: dict[str, Any], fresh: Iterable[str], init_params: Any, source: str
@@ -628,15 +629,15 @@ def load_vae(
     required.
     """
     path = os.fspath(path_or_workdir)
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(f"KL-VAE checkpoint not found: {path}")
-    if os.path.isdir(os.path.join(path, "checkpoints")):  # a run's workdir
-        path = os.path.join(path, "checkpoints")
+    if files.isdir(files.join(path, "checkpoints")):  # a run's workdir
+        path = files.join(path, "checkpoints")
     sd = None
-    if os.path.isdir(path):
-        found = next((f for f in _VAE_FILES if os.path.isfile(os.path.join(path, f))), None)
+    if files.isdir(path):
+        found = next((f for f in _VAE_FILES if files.isfile(files.join(path, f))), None)
         if found is not None:
-            path = os.path.join(path, found)
+            path = files.join(path, found)
         elif _is_checkpoint_dir(path):
             from tokpost_jax.checkpoint import load_params
 
@@ -675,14 +676,14 @@ def load_coda(
     config, with the release's LoRA rank and patterns (CODA: rank 32).
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if files.isdir(path):
         pair = next((p for p in CODA_FILES
-                     if all(os.path.isfile(os.path.join(path, f)) for f in p)), None)
+                     if all(files.isfile(files.join(path, f)) for f in p)), None)
         if pair is None:
             raise VAEImportError(f"{path}: no CODA checkpoint pair {[list(p) for p in CODA_FILES]}")
-        vae_sd = read_state_dict(os.path.join(path, pair[0]))
-        quant_sd = read_state_dict(os.path.join(path, pair[1]))
-        source = os.path.join(path, pair[0])
+        vae_sd = read_state_dict(files.join(path, pair[0]))
+        quant_sd = read_state_dict(files.join(path, pair[1]))
+        source = files.join(path, pair[0])
     else:
         vae_sd, quant_sd = split_coda_state_dict(read_state_dict(path))
         source = path

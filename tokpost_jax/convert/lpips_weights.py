@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokpost_jax import files
 from tokpost_jax.models.lpips import LPIPS, TAP_CHANNELS, TAP_NAMES, VGG16_CONVS
 
 Array = jax.Array
@@ -126,11 +127,11 @@ def load_lpips_params(path: str | os.PathLike[str] | None = None) -> Params:
     Raises ``FileNotFoundError`` if the file/package is absent and ``ValueError`` if the file
     is not a valid checkpoint; there is deliberately no fallback to random weights.
     """
-    ckpt = Path(path) if path is not None else default_weights_path()
-    if not ckpt.is_file():
+    ckpt = files.path(path) if path is not None else default_weights_path()  # local or gs://
+    if not files.isfile(ckpt):
         raise FileNotFoundError(f"LPIPS-VGG checkpoint not found: {ckpt}. {_INSTALL_HINT}")
     try:
-        with ckpt.open("rb") as f:
+        with files.open_read(ckpt) as f:
             raw = _NumpyOnlyUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"Cannot read LPIPS checkpoint {ckpt}: {err}. {_INSTALL_HINT}") from err

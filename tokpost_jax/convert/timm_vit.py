@@ -78,6 +78,7 @@ import numpy as np
 from absl import logging
 from flax.core import FrozenDict
 
+from tokpost_jax import files
 from tokpost_jax.convert.torchscript import read_torch_checkpoint
 
 __all__ = [
@@ -139,17 +140,18 @@ def read_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> di
         ``model.``, ``backbone.`` and ``state_dict.`` are stripped, repeatedly.
     """
     fspath = os.fspath(path)
-    if not os.path.isfile(fspath):
+    if not files.isfile(fspath):
         raise FileNotFoundError(f"ViT checkpoint not found: {fspath}")
     lower = fspath.lower()
     if lower.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load, load_file
 
-        sd = dict(load_file(fspath))
+        # A local file is memory-mapped; a gs:// object is read once into memory.
+        sd = dict(load_file(fspath) if files.is_local(fspath) else load(files.read_bytes(fspath)))
     elif lower.endswith(_TORCH_SUFFIXES):
         sd = read_torch_checkpoint(fspath)
     elif lower.endswith(".npz"):
-        with np.load(fspath, allow_pickle=False) as z:
+        with files.open_read(fspath) as f, np.load(f, allow_pickle=False) as z:
             sd = {k: z[k] for k in z.files}
     else:
         raise ViTImportError(

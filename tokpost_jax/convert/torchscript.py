@@ -37,6 +37,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from tokpost_jax import files
+
 __all__ = [
     "MAX_DEPTH",
     "TorchCheckpointError",
@@ -296,9 +298,8 @@ def _unpickle(file: BinaryIO, storages: dict[str, _LazyStorage], source: str, wh
         raise TorchCheckpointError(f"{source}: {what} ({type(e).__name__}: {e})") from e
 
 
-def _load_zip(path: str | os.PathLike) -> Any:
-    source = os.fspath(path)
-    with zipfile.ZipFile(path) as zf:
+def _load_zip(file: BinaryIO, source: str) -> Any:
+    with zipfile.ZipFile(file) as zf:
         names = zf.namelist()
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
@@ -324,50 +325,52 @@ def _load_zip(path: str | os.PathLike) -> Any:
     return obj, buffers
 
 
-def _load_legacy(path: str | os.PathLike) -> Any:
-    source = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        storages: dict[str, _LazyStorage] = {}
-        magic = _unpickle(
-            f, storages, source, "neither a zip archive nor a legacy torch.save stream"
-        )
-        if magic != _LEGACY_MAGIC:
-            raise TorchCheckpointError(f"{source}: not a torch checkpoint (bad magic)")
-        protocol, sys_info, obj, keys = (
-            _unpickle(f, storages, source, "corrupt legacy checkpoint") for _ in range(4)
-        )
-        if protocol != _LEGACY_PROTOCOL:
-            raise TorchCheckpointError(f"{source}: unsupported protocol {protocol!r}")
-        if not isinstance(keys, list | tuple):
-            raise TorchCheckpointError(f"{source}: corrupt legacy checkpoint (storage key list)")
-        big_endian = isinstance(sys_info, dict) and not sys_info.get("little_endian", True)
-        buffers = {}
-        for key in keys:
-            key = str(key)
-            st = storages.get(key)
-            if st is None:
-                raise TorchCheckpointError(f"{source}: unknown storage key {key}")
-            header = f.read(8)
-            if len(header) != 8:
-                raise TorchCheckpointError(f"{source}: truncated storage {key}")
-            (numel,) = struct.unpack(">q" if big_endian else "<q", header)
-            # Check the size before reading: a forged numel must not allocate beyond the file.
-            if numel != st.numel or not 0 <= numel * st.dtype.itemsize <= size - f.tell():
-                raise TorchCheckpointError(f"{source}: bad storage {key}")
-            buffers[key] = _frombuffer(f.read(numel * st.dtype.itemsize), st.dtype, big_endian)
-        missing = set(storages) - set(buffers)
-        if missing:
-            raise TorchCheckpointError(f"{source}: storages without data {missing}")
+def _load_legacy(f: BinaryIO, source: str) -> Any:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    storages: dict[str, _LazyStorage] = {}
+    magic = _unpickle(
+        f, storages, source, "neither a zip archive nor a legacy torch.save stream"
+    )
+    if magic != _LEGACY_MAGIC:
+        raise TorchCheckpointError(f"{source}: not a torch checkpoint (bad magic)")
+    protocol, sys_info, obj, keys = (
+        _unpickle(f, storages, source, "corrupt legacy checkpoint") for _ in range(4)
+    )
+    if protocol != _LEGACY_PROTOCOL:
+        raise TorchCheckpointError(f"{source}: unsupported protocol {protocol!r}")
+    if not isinstance(keys, list | tuple):
+        raise TorchCheckpointError(f"{source}: corrupt legacy checkpoint (storage key list)")
+    big_endian = isinstance(sys_info, dict) and not sys_info.get("little_endian", True)
+    buffers = {}
+    for key in keys:
+        key = str(key)
+        st = storages.get(key)
+        if st is None:
+            raise TorchCheckpointError(f"{source}: unknown storage key {key}")
+        header = f.read(8)
+        if len(header) != 8:
+            raise TorchCheckpointError(f"{source}: truncated storage {key}")
+        (numel,) = struct.unpack(">q" if big_endian else "<q", header)
+        # Check the size before reading: a forged numel must not allocate beyond the file.
+        if numel != st.numel or not 0 <= numel * st.dtype.itemsize <= size - f.tell():
+            raise TorchCheckpointError(f"{source}: bad storage {key}")
+        buffers[key] = _frombuffer(f.read(numel * st.dtype.itemsize), st.dtype, big_endian)
+    missing = set(storages) - set(buffers)
+    if missing:
+        raise TorchCheckpointError(f"{source}: storages without data {missing}")
     return obj, buffers
 
 
 def _load_object(path: str | os.PathLike) -> Any:
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(f"no such checkpoint file: {os.fspath(path)!s}")
     source = os.fspath(path)
     try:
-        obj, buffers = _load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path)
+        with files.open_read(path) as f:  # a local file, or a gs:// object read into memory
+            is_zip = zipfile.is_zipfile(f)
+            f.seek(0)
+            obj, buffers = _load_zip(f, source) if is_zip else _load_legacy(f, source)
     except TorchCheckpointError:
         raise
     except _ZIP_ERRORS as e:

@@ -12,13 +12,16 @@ recomputing or mixing data. Shard ``i`` always holds records ``[i·S, (i+1)·S)`
 renamed into place only when fully written (a kill leaves no half shard), and the manifest pins
 everything that decides the content, so a rerun with other settings is refused instead of mixed in.
 Shards are uncompressed, so readers memory-map single records instead of loading whole shards:
-shuffled training touches one record per read.
+shuffled training touches one record per read. On object stores (``gs://``), which cannot be
+mapped, a shard of at most :data:`WHOLE_REMOTE_SHARD_BYTES` (token shards) is read whole once and
+kept like a mapping; a record of a larger one (image pairs) is one byte-range read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import struct
@@ -48,6 +51,9 @@ COMPLETE_NAME = "complete"
 _FORMAT = "tokpost_shards"
 _VERSION = 1
 _ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # the 30-byte zip local file header
+#: Remote shards up to this size are read in one request (a default token shard is ~8 MiB);
+#: the reader keeps ``max_open_shards`` of them in memory.
+WHOLE_REMOTE_SHARD_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,12 +169,11 @@ class ShardWriter:
         return self.process_index == 0
 
     def _open(self) -> None:
-        os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, MANIFEST_NAME)
-        if os.path.exists(path):
+        files.makedirs(self.directory)
+        path = files.join(self.directory, MANIFEST_NAME)
+        if files.exists(path):
             try:
-                with open(path) as f:
-                    on_disk = json.load(f)
+                on_disk = files.read_json(path)
             except (OSError, ValueError) as e:
                 raise DataError(
                     f"cannot read {path} ({type(e).__name__}: {e}); delete {self.directory} "
@@ -183,16 +188,15 @@ class ShardWriter:
                 )
         else:
             files.write_json(path, self.manifest, sort_keys=True)
-        names = set(os.listdir(self.directory))
+        names = set(files.listdir(self.directory))
         for name in names:
             if name.startswith(files.TMP_PREFIX):  # left by a killed writer
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.directory, name))
+                files.remove(files.join(self.directory, name))
         self._present = {
             i for i in range(self.num_shards) if shard_name(i, self.num_shards) in names
         }
         if COMPLETE_NAME in names and len(self._present) < self.num_shards:
-            os.remove(os.path.join(self.directory, COMPLETE_NAME))  # shards were deleted since
+            files.remove(files.join(self.directory, COMPLETE_NAME))  # shards were deleted since
 
     def shard_range(self, index: int) -> range:
         """Record indices of shard `index`; the last shard may be short."""
@@ -247,7 +251,7 @@ class ShardWriter:
         checked = self._checked(index, arrays)
         if not self.is_writer:
             return
-        path = os.path.join(self.directory, shard_name(index, self.num_shards))
+        path = files.join(self.directory, shard_name(index, self.num_shards))
         files.atomic_write(path, lambda f: np.savez(f, **checked))
         self._present.add(index)
         if self.is_complete:
@@ -264,7 +268,7 @@ class ShardWriter:
                 f"(first: {missing[:5]}); write them before finalizing"
             )
         done = {"num_shards": self.num_shards}
-        files.write_json(os.path.join(self.directory, COMPLETE_NAME), done, sort_keys=True)
+        files.write_json(files.join(self.directory, COMPLETE_NAME), done, sort_keys=True)
 
 
 def write_shards(
@@ -318,19 +322,28 @@ def missing_everywhere(
 _HEADER_LOCK = threading.Lock()
 
 
-def _npz_members(path: str, names: Iterable[str]) -> dict[str, tuple[np.dtype, tuple, int]]:
+def _npz_members(
+    path: str, names: Iterable[str], data: bytes | None = None
+) -> dict[str, tuple[np.dtype, tuple, int]]:
     """(dtype, shape, byte offset) of each stored ``.npy`` member, for memory-mapping.
 
     Why parse the zip by hand: ``np.load`` cannot memory-map inside ``.npz`` files, and loading a
-    whole shard to read one record would make shuffled reads shard-sized.
+    whole shard to read one record would make shuffled reads shard-sized. ``data``: the file's
+    bytes, when already read.
     """
     out = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        infos = {info.filename: info for info in zf.infolist()}
+    # A local file, a gs:// object (range reads) or the bytes read already.
+    opened = (
+        files.path(path).open("rb") if data is None else contextlib.nullcontext(io.BytesIO(data))
+    )
+    with opened as f:
+        with zipfile.ZipFile(f) as zf:
+            infos = {info.filename: info for info in zf.infolist()}
         expected = {f"{n}.npy" for n in names}
         if set(infos) != expected:
             raise ValueError(f"members {sorted(infos)}, expected {sorted(expected)}")
-        size = os.fstat(f.fileno()).st_size
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
         for member, info in infos.items():
             if info.compress_type != zipfile.ZIP_STORED:
                 raise ValueError(f"member {member} is compressed; shards must be stored")
@@ -362,6 +375,28 @@ def _npz_members(path: str, names: Iterable[str]) -> dict[str, tuple[np.dtype, t
     return out
 
 
+class _RemoteRows:
+    """One field of a shard on an object store: ``rows[i]`` is one byte-range read of record i.
+
+    Why not load the shard: image-pair shards are hundreds of MB, and shuffled reads touch one
+    record of each; the read opens its own handle, so grain's threads never share one.
+    """
+
+    def __init__(self, path: str, dtype: np.dtype, shape: tuple, offset: int):
+        self.path, self.dtype, self.shape, self.offset = path, dtype, shape, offset
+        self.row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        if not 0 <= row < self.shape[0]:
+            raise IndexError(f"row {row} out of range [0, {self.shape[0]})")
+        with files.path(self.path).open("rb") as f:
+            f.seek(self.offset + row * self.row_bytes)
+            data = f.read(self.row_bytes)
+        if len(data) != self.row_bytes:
+            raise DataError(f"shard file {self.path!r} is truncated at record row {row}")
+        return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
+
+
 class ShardSource:
     """A complete shard directory as a grain random-access source of ``{field: array}`` records.
 
@@ -373,16 +408,15 @@ class ShardSource:
     def __init__(self, directory: str | os.PathLike, *, max_open_shards: int = 64):
         self.directory = os.fspath(directory)
         self.max_open_shards = int(max_open_shards)
-        path = os.path.join(self.directory, MANIFEST_NAME)
-        if not os.path.isdir(self.directory):
+        path = files.join(self.directory, MANIFEST_NAME)
+        if not files.isdir(self.directory):
             raise DataError(
                 f"shard directory {self.directory!r} does not exist; write it first "
                 "(python -m tokpost_jax.cli.pretokenize --out=<data_dir> --split=<split> ... for "
                 "tokens) or fix config.data.data_dir"
             )
         try:
-            with open(path) as f:
-                manifest = json.load(f)
+            manifest = files.read_json(path)
             if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
                 raise ValueError(f"format {manifest.get('format')!r} v{manifest.get('version')}")
             self.num_records = int(manifest["num_records"])
@@ -396,7 +430,7 @@ class ShardSource:
                 f"{self.directory!r} is not a shard dataset, or it was damaged; "
                 + self._regenerate_hint("the directory")
             ) from e
-        names = set(os.listdir(self.directory))
+        names = set(files.listdir(self.directory))
         absent = [i for i in range(self.num_shards) if shard_name(i, self.num_shards) not in names]
         if absent or COMPLETE_NAME not in names:
             raise DataError(
@@ -435,14 +469,18 @@ class ShardSource:
         return self.num_records
 
     def shard_path(self, index: int) -> str:
-        return os.path.join(self.directory, shard_name(index, self.num_shards))
+        return files.join(self.directory, shard_name(index, self.num_shards))
 
     def _open_shard(self, index: int) -> dict[str, np.ndarray]:
         path = self.shard_path(index)
         start = index * self.records_per_shard
         n = min(self.records_per_shard, self.num_records - start)
+        remote = not files.is_local(path)
+        record_bytes = sum(s.dtype.itemsize * int(np.prod(s.shape)) for s in self.fields.values())
+        whole = remote and n * record_bytes <= WHOLE_REMOTE_SHARD_BYTES
         try:
-            members = _npz_members(path, self.fields)
+            data = files.read_bytes(path) if whole else None
+            members = _npz_members(path, self.fields, data)
             arrays = {}
             for name, spec in self.fields.items():
                 dtype, shape, offset = members[name]
@@ -453,6 +491,11 @@ class ShardSource:
                     )
                 if int(np.prod(shape)) == 0:  # mmap cannot map zero bytes
                     arrays[name] = np.zeros(shape, dtype)
+                elif data is not None:  # a small remote shard, read whole
+                    count = int(np.prod(shape))
+                    arrays[name] = np.frombuffer(data, dtype, count, offset).reshape(shape)
+                elif remote:  # object stores cannot be mapped
+                    arrays[name] = _RemoteRows(path, dtype, shape, offset)
                 else:
                     arrays[name] = np.memmap(path, dtype, mode="r", offset=offset, shape=shape)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, struct.error) as e:

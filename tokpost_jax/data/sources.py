@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from tokpost_jax import files
 from tokpost_jax.data.preprocess import to_rgb_uint8
 
 __all__ = [
@@ -67,6 +68,8 @@ def _one_line(e: BaseException) -> str:
 
 def _unreachable(path: str) -> str | None:
     """Why `path` cannot be followed (symlink loop, dangling link), or None if it can."""
+    if not files.is_local(path):  # object stores have no symlinks
+        return None
     try:
         os.stat(path)
     except OSError as e:
@@ -82,7 +85,7 @@ def _check_dir(path: str, missing: str) -> None:
     why = _unreachable(path)
     if why is not None:
         raise DataError(f"{path!r} {why}; fix or remove it")
-    if not os.path.isdir(path):
+    if not files.isdir(path):
         raise DataError(missing)
 
 
@@ -93,7 +96,7 @@ def _split_dir(root: str | os.PathLike, split: str) -> str:
         )
     root = os.fspath(root)
     _check_dir(root, f"image-folder root {root!r} does not exist; set config.data.data_dir")
-    split_dir = os.path.join(root, split)
+    split_dir = files.join(root, split)
     _check_dir(
         split_dir,
         f"split directory {split_dir!r} does not exist; expected "
@@ -108,6 +111,8 @@ def _entries(directory: str, want: str) -> list[str]:
     Hidden names (``.DS_Store``, macOS ``._img.jpg`` resource forks, ``.ipynb_checkpoints``) are
     left out: they are never images of the dataset. A symlink loop is an error naming it.
     """
+    if not files.is_local(directory):
+        return _remote_entries(directory, want)
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)  # first error: stable
     except OSError as e:
@@ -128,6 +133,22 @@ def _entries(directory: str, want: str) -> list[str]:
         if keep:
             names.append(entry.name)
     return sorted(names)
+
+
+def _remote_entries(directory: str, want: str) -> list[str]:
+    """:func:`_entries` on an object store (``gs://``): one listing, and a directory check only
+    for names without an image extension, so an ImageNet class of 1,300 files costs one request
+    (not one per file). Hidden names are left out as locally."""
+    try:
+        names = [n for n in files.listdir(directory) if not n.startswith(".")]
+    except OSError as e:
+        raise DataError(f"cannot list {directory!r} ({_one_line(e)})") from e
+    if want == "dir":
+        return [n for n in names if files.isdir(files.join(directory, n))]
+    return [
+        n for n in names
+        if n.lower().endswith(IMAGE_EXTENSIONS) or not files.isdir(files.join(directory, n))
+    ]
 
 
 def folder_class_names(root: str | os.PathLike, split: str) -> list[str]:
@@ -169,15 +190,15 @@ class FolderSource:
         rel_paths: list[bytes] = []
         labels: list[int] = []
         for label, name in enumerate(class_names):
-            class_dir = os.path.join(split_dir, name)
-            if not os.path.isdir(class_dir):
+            class_dir = files.join(split_dir, name)
+            if not files.isdir(class_dir):
                 continue
-            files = [
+            images = [
                 f for f in _entries(class_dir, "file")
                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
             ]
-            rel_paths.extend(os.path.join(name, f).encode("utf-8") for f in files)
-            labels.extend([label] * len(files))
+            rel_paths.extend(os.path.join(name, f).encode("utf-8") for f in images)
+            labels.extend([label] * len(images))
         if not rel_paths:
             raise DataError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {split_dir!r}"
@@ -192,12 +213,13 @@ class FolderSource:
 
     def path(self, index: int) -> str:
         """Absolute path of record `index` (for error messages and debugging)."""
-        return os.path.join(self._split_dir, self._rel_paths[index].decode("utf-8"))
+        return files.join(self._split_dir, self._rel_paths[index].decode("utf-8"))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.path(index)
         try:
-            with Image.open(path) as pil:
+            # A gs:// image is read whole in one request (PIL's small reads would be many).
+            with Image.open(path if files.is_local(path) else files.open_read(path)) as pil:
                 pil.load()
                 image = to_rgb_uint8(pil)
         # Anything decoding a user's file raises (PIL's DecompressionBombError is no OSError;
@@ -295,6 +317,29 @@ def tfds_name_known(name: str, *, data_dir: str | None, builtin_names: Sequence[
     _tfds_builder(tfds, name, data_dir, builtin_names)  # prepared files without builder code
 
 
+def _prepare(tfds: Any, builder: Any, name: str, manual_dir: str | None) -> None:
+    """Prepares an unprepared tfds dataset from ``manual_dir`` (this machine has no network)."""
+    if manual_dir is None:
+        raise DataError(
+            f"tfds dataset {name!r} is not prepared at {os.fspath(builder.data_dir)!r} and "
+            "this machine cannot download it; prepare it as array_record on a machine "
+            f"with network (`tfds build {name} --file_format=array_record "
+            "--data_dir=<dir>`) and set config.data.data_dir, or set config.data.manual_dir "
+            "to the manually downloaded files"
+        )
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+            file_format="array_record",
+        )
+    except Exception as e:
+        raise DataError(
+            f"preparing tfds dataset {name!r} from manual_dir {manual_dir!r} failed "
+            f"({type(e).__name__}: {e}); check that manual_dir holds the files the "
+            "tfds builder documents"
+        ) from e
+
+
 def open_tfds_source(
     name: str,
     split: str,
@@ -312,28 +357,13 @@ def open_tfds_source(
     """
     import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only on use
 
-    builder = _tfds_builder(tfds, name, data_dir, builtin_names)
+    from tokpost_jax import multihost
 
-    if not builder.is_prepared():
-        if manual_dir is None:
-            raise DataError(
-                f"tfds dataset {name!r} is not prepared at {os.fspath(builder.data_dir)!r} and "
-                "this machine cannot download it; prepare it as array_record on a machine "
-                f"with network (`tfds build {name} --file_format=array_record "
-                "--data_dir=<dir>`) and set config.data.data_dir, or set config.data.manual_dir "
-                "to the manually downloaded files"
-            )
-        try:
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-                file_format="array_record",
-            )
-        except Exception as e:
-            raise DataError(
-                f"preparing tfds dataset {name!r} from manual_dir {manual_dir!r} failed "
-                f"({type(e).__name__}: {e}); check that manual_dir holds the files the "
-                "tfds builder documents"
-            ) from e
+    builder = _tfds_builder(tfds, name, data_dir, builtin_names)
+    # Prepared once, by process 0, while the other hosts wait (data_dir is shared on a pod).
+    if not multihost.decided_by_process0(builder.is_prepared):
+        multihost.once(lambda: _prepare(tfds, builder, name, manual_dir))
+        builder = _tfds_builder(tfds, name, data_dir, builtin_names)  # sees the prepared files
 
     splits = builder.info.splits
     if split not in splits:

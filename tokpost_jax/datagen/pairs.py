@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from tokpost_jax import files
 from tokpost_jax import sharding as shd
 from tokpost_jax.data import pipeline
 from tokpost_jax.data.preprocess import center_crop, to_float
@@ -302,7 +303,7 @@ def generate_pairs(
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return produce_shards(
-            os.path.join(os.fspath(out_dir), OUTPUT_SPLIT),
+            files.join(out_dir, OUTPUT_SPLIT),
             num_records=len(chosen), records_per_shard=records_per_shard, fields=fields,
             metadata=manifest_meta, batch_size=batch_size, mesh=mesh, rules=rules,
             make_job=make_job, what=f"Pairs {cfg.data.name}/{split}", log_every=10,

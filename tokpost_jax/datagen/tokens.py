@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tokpost_jax import files
 from tokpost_jax import sharding as shd
 from tokpost_jax.data import pipeline
 from tokpost_jax.data.preprocess import center_crop, to_float
@@ -185,7 +186,7 @@ def pretokenize(
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return produce_shards(
-            os.path.join(os.fspath(out_dir), split),
+            files.join(out_dir, split),
             num_records=num_records, records_per_shard=records_per_shard, fields=fields,
             metadata=manifest_meta, batch_size=batch_size, mesh=mesh, rules=rules,
             make_job=make_job, what=f"Pretokenize {cfg.data.name}/{split} ({mode})",

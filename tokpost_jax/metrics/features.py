@@ -24,6 +24,7 @@ from tokpost_jax import files
 from tokpost_jax import sharding as shd
 from tokpost_jax.convert.inception_weights import load_inception_params
 from tokpost_jax.metrics import fid
+from tokpost_jax.metrics.progress import Progress
 from tokpost_jax.models.inception import inception_features
 
 #: ADM's evaluator scores IS over chunks of this many samples (10 chunks for 50k).
@@ -200,15 +201,21 @@ class InceptionExtractor:
         """Global uint8 [B, H, W, 3] images (B = batch_size) → features folded into ``into``."""
         into.add(gather(self._features(self.params, images)), mask)
 
-    def from_arrays(self, images: np.ndarray, keep_rows: bool = True) -> Activations:
-        """Activations of uint8 [N, H, W, 3] images held identically on every host."""
+    def from_arrays(
+        self, images: np.ndarray, keep_rows: bool = True, what: str = "Inception features"
+    ) -> Activations:
+        """Activations of uint8 [N, H, W, 3] images held identically on every host (progress
+        with an ETA logged as ``what``)."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(
                 f"expected uint8 [N, H, W, 3] images, got {images.dtype} {images.shape}"
             )
         acts = self.new_activations(keep_rows)
+        progress = Progress(what, len(images))
         for local, mask in shd.padded_host_batches(images, self.batch_size):
             batch = shd.host_to_global({"image": local}, self.batch_sharding)["image"]
             self.add_batch(batch, mask, acts)
+            progress.update(int(mask.sum()))
+        progress.finish()
         return acts

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from tokpost_jax import files
+
 __all__ = [
     "FeatureStats",
     "StatisticsError",
@@ -227,13 +229,12 @@ class FeatureStats:
             arrays["sigma_s"] = spatial.cov
             if spatial._exact:
                 arrays["count_s"] = np.asarray(spatial.count, dtype=np.int64)
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+        files.atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike[str]) -> tuple[FeatureStats, FeatureStats | None]:
         """Read ``(pool_stats, spatial_stats_or_None)`` from an ADM-layout ``.npz``."""
-        with np.load(path) as z:
+        with files.open_read(path) as f, np.load(f) as z:
             keys = set(z.files)
             pool = cls.from_moments(
                 z["mu"], z["sigma"], int(z["count"]) if "count" in keys else None

@@ -10,7 +10,6 @@ through the Inception network and come back to the host, where FID, sFID, precis
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -18,12 +17,13 @@ import jax
 import ml_collections
 import numpy as np
 
+from tokpost_jax import files, sampling
 from tokpost_jax import images as images_lib
-from tokpost_jax import sampling
 from tokpost_jax import sharding as shd
 from tokpost_jax.checkpoint import load_params
 from tokpost_jax.metrics import features as features_lib
 from tokpost_jax.metrics import reference as ref_lib
+from tokpost_jax.metrics.progress import Progress, warn_if_few_samples
 from tokpost_jax.models import build
 from tokpost_jax.models.generator import RAR
 
@@ -46,9 +46,12 @@ class GenerationEvaluator:
         *,
         seed: int,
         frechet_method: str = "eigh",
+        data_name: str | None = None,
     ):
         """``reference``: Activations, or a zero-argument callable returning them (computed on
-        first use, so a run that never reaches gFID never pays for the reference)."""
+        first use, so a run that never reaches gFID never pays for the reference);
+        ``data_name``: the dataset the samples imitate (an ImageNet gFID on fewer than 50k
+        samples is warned about)."""
         self.generator = generator
         self.tokenizer = tokenizer
         self.extractor = extractor
@@ -56,6 +59,7 @@ class GenerationEvaluator:
         self._reference = reference
         self.seed = seed
         self.frechet_method = frechet_method
+        self.data_name = data_name
         repl = shd.replicated(extractor.mesh)
         self.tokenizer_params = jax.device_put(tokenizer_params, repl)
         self._images = jax.jit(self._images_fn, out_shardings=extractor.batch_sharding)
@@ -75,7 +79,8 @@ class GenerationEvaluator:
         return features_lib.quantize_uint8(decoded)
 
     def _render(
-        self, image_fn: Any, labels: np.ndarray, seed: int, acts: Any = None
+        self, image_fn: Any, labels: np.ndarray, seed: int, acts: Any = None,
+        progress: Progress | None = None,
     ) -> np.ndarray:
         """uint8 images of ``image_fn(labels, rng)`` over fixed padded batches (key folded per
         batch: reproducible), folded into ``acts`` when given."""
@@ -88,12 +93,17 @@ class GenerationEvaluator:
             if acts is not None:
                 self.extractor.add_batch(images, mask, acts)
             kept.append(features_lib.gather(images)[mask])
+            if progress is not None:
+                progress.update(int(mask.sum()))
+        if progress is not None:
+            progress.finish()
         return np.concatenate(kept)
 
     def _score(self, image_fn: Any, num_samples: int, seed: int):
         labels = balanced_labels(num_samples, self.generator.num_classes)
         acts = self.extractor.new_activations(keep_rows=True)
-        samples = self._render(image_fn, labels, seed, acts)
+        warn_if_few_samples(self.data_name, num_samples, "gFID")
+        samples = self._render(image_fn, labels, seed, acts, Progress("gFID samples", num_samples))
         metrics = features_lib.report(self.reference, acts, method=self.frechet_method)
         metrics["num_samples"] = float(acts.count)
         return metrics, samples
@@ -147,7 +157,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None
             "config.tokenizer_workdir is not set: gFID decodes samples with a trained tokenizer; "
             "pass --config.tokenizer_workdir=<tokenizer run dir>"
         )
-    params = load_params(os.path.join(workdir, "checkpoints"), key=config.tokenizer_params_key)
+    params = load_params(files.join(workdir, "checkpoints"), key=config.tokenizer_params_key)
     return build.tokenizer(config.tokenizer), params
 
 
@@ -182,5 +192,5 @@ def evaluator_from_config(
     return GenerationEvaluator(
         generator, tokenizer, tok_params, extractor, config.sampling,
         reference_loader(config, extractor), seed=config.gfid.seed,
-        frechet_method=config.gfid.frechet_method,
+        frechet_method=config.gfid.frechet_method, data_name=config.tokenizer.data.name,
     )

@@ -17,9 +17,11 @@ import ml_collections
 import numpy as np
 
 from tokpost_jax import data as data_lib
+from tokpost_jax import files
 from tokpost_jax import sharding as shd
 from tokpost_jax.metrics import fid
 from tokpost_jax.metrics.features import Activations, InceptionExtractor, gather, quantize_uint8
+from tokpost_jax.metrics.progress import Progress
 from tokpost_jax.models.inception import POOL_DIM, SPATIAL_DIM
 
 
@@ -39,12 +41,13 @@ def _read_npz(path: str, keys: set[str] | frozenset[str]) -> tuple[list[str], di
     the same one-line error as a truncated directory.
     """
     try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ReferenceError(f"{path} is a single .npy array, not an .npz archive")
-        with z:
-            names = list(z.files)
-            return names, {k: z[k] for k in names if k in keys}
+        with files.open_read(path) as f:  # a local file or a gs:// object
+            z = np.load(f, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ReferenceError(f"{path} is a single .npy array, not an .npz archive")
+            with z:
+                names = list(z.files)
+                return names, {k: z[k] for k in names if k in keys}
     except _NPZ_ERRORS as e:
         if isinstance(e, ReferenceError):
             raise
@@ -68,7 +71,7 @@ def _check_images(path: str, images: np.ndarray, min_images: int) -> np.ndarray:
 def load_images_npz(path: str | os.PathLike, min_images: int = 2) -> np.ndarray:
     """``arr_0`` of an ADM samples/reference file, checked to be uint8 [N, H, W, 3], N >= 2."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(f"no samples file at {path}")
     names, arrays = _read_npz(path, {"arr_0"})
     if "arr_0" not in arrays:
@@ -110,7 +113,7 @@ def read_reference(path: str | os.PathLike, extractor: InceptionExtractor) -> Ac
     file fails in one line within seconds.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(f"no reference file at {path}")
     names, stored = _read_npz(path, _STAT_KEYS)
     keys = set(names)
@@ -154,6 +157,14 @@ def split_config(
     return cfg
 
 
+def split_size(data_cfg: ml_collections.ConfigDict) -> int:
+    """How many images an eval pass over ``data_cfg`` sees: ``num_eval_examples``, else the whole
+    ``eval_split`` (for progress totals; the pass itself checks the count)."""
+    if data_cfg.num_eval_examples is not None:
+        return int(data_cfg.num_eval_examples)
+    return len(data_lib.make_source(data_cfg, data_cfg.eval_split))
+
+
 def global_eval_batches(data_cfg: Any, batch_size: int, mesh: Any, rules: Any):
     """The eval split as global batches ``{'image', 'label', 'mask'}`` sharded over the mesh."""
     sharding = shd.batch_sharding(mesh, rules)
@@ -179,10 +190,13 @@ def split_reference(
     acts = extractor.new_activations(keep_rows=True)
     kept: list[np.ndarray] = []
     quantize = jax.jit(quantize_uint8, out_shardings=extractor.batch_sharding)
+    progress = Progress(f"reference {data_cfg.name}:{split}", split_size(cfg))
     for batch in global_eval_batches(cfg, extractor.batch_size, extractor.mesh, extractor.rules):
         images = quantize(batch["image"])
         mask = gather(batch["mask"])
         extractor.add_batch(images, mask, acts)
+        progress.update(int(mask.sum()))
         if keep_images:
             kept.append(gather(images)[mask])
+    progress.finish()
     return acts, (np.concatenate(kept) if keep_images else None)

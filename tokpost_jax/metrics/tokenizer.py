@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,7 +31,8 @@ from tokpost_jax import images as images_lib
 from tokpost_jax.metrics import fid
 from tokpost_jax.metrics import reconstruction as rec
 from tokpost_jax.metrics.features import InceptionExtractor, gather, quantize_uint8
-from tokpost_jax.metrics.reference import global_eval_batches, split_config
+from tokpost_jax.metrics.progress import Progress, warn_if_few_samples
+from tokpost_jax.metrics.reference import global_eval_batches, split_config, split_size
 from tokpost_jax.models.inception import inception_features
 from tokpost_jax.models.perturbation import Perturbation
 
@@ -218,13 +218,14 @@ class TokenizerEvaluator:
         fid_for: Sequence[str] | None = None,
         keep_images: int = 0,
         keep_per_batch: int = 0,
+        total: int | None = None,
     ) -> dict[str, Evaluation]:
         """Every named parameter set over global eval batches ``{'image', 'mask'}``.
 
         ``fid_for``: the names that get rFID/pFID (default: all, when there is an extractor).
         ``keep_images``: how many reconstructions (and, under "originals", inputs) to keep for
         a grid, ``keep_per_batch`` of them spread over each batch (the eval split is often
-        sorted by class).
+        sorted by class). ``total``: the images in ``batches``, for the progress line's ETA.
         """
         ex = self.extractor
         fid_names = set(params if fid_for is None else fid_for) if ex is not None else set()
@@ -249,6 +250,8 @@ class TokenizerEvaluator:
         originals: list[np.ndarray] = []
         base = jax.random.PRNGKey(self.seed)
         num_real = 0.0
+        what = ("rFID/pFID" if self.grid else "rFID") if fid_names else "reconstruction"
+        progress = Progress(f"{what} eval", total)
         for b, batch in enumerate(batches):
             mask = gather(batch["mask"])
             picks = None
@@ -283,6 +286,8 @@ class TokenizerEvaluator:
                     )
                     s["perturbed"][(alpha, delta)].add(gather(out), mask)
             num_real += float(mask.sum())
+            progress.update(int(mask.sum()))
+        progress.finish()
         results = {}
         for name, s in state.items():
             n = max(num_real, 1.0)
@@ -337,19 +342,25 @@ def evaluate_split(
     ex = evaluator.extractor
     assert ex is not None, "evaluate_split computes FIDs: build the evaluator with an extractor"
     data_cfg = split_config(config.data, config.data.eval_split, config.fid_eval.num_images)
+    total = split_size(data_cfg)
+    warn_if_few_samples(config.data.name, total, "rFID/pFID" if evaluator.grid else "rFID")
     batches = global_eval_batches(data_cfg, ex.batch_size, ex.mesh, ex.rules)
-    result = evaluator.run({"params": params}, batches, lpips_params)["params"]
+    result = evaluator.run({"params": params}, batches, lpips_params, total=total)["params"]
     return result.scalars, result.grid_fids
 
 
 def pfid_plot(grid_fids: Mapping[str, float], grid: PerturbationGrid) -> np.ndarray:
-    """FID against α, one line per δ, mean (pFID) in the title, as a uint8 RGB image."""
-    import matplotlib
+    """FID against α, one line per δ, mean (pFID) in the title, as a uint8 RGB image.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare Agg canvas, never through pyplot, so calling it leaves the process's
+    matplotlib backend alone (a notebook's inline plots keep working).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    fig = Figure(figsize=(4.5, 3.2), dpi=120)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for delta in grid.deltas:
         ys = [grid_fids[point_name(a, delta)] for a in grid.alphas]
         ax.plot(grid.alphas, ys, marker="o", label=f"δ = {delta}")
@@ -359,10 +370,8 @@ def pfid_plot(grid_fids: Mapping[str, float], grid: PerturbationGrid) -> np.ndar
     ax.invert_xaxis()
     ax.legend()
     fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def evaluate_checkpoint(
@@ -372,8 +381,8 @@ def evaluate_checkpoint(
     :func:`evaluate_params`); ``out_dir`` defaults to ``<workdir>/eval``."""
     from tokpost_jax.checkpoint import load_params
 
-    params = load_params(os.path.join(workdir, "checkpoints"), key=params_key)
-    return evaluate_params(config, params, out_dir or os.path.join(workdir, "eval"), params_key)
+    params = load_params(files.join(workdir, "checkpoints"), key=params_key)
+    return evaluate_params(config, params, out_dir or files.join(workdir, "eval"), params_key)
 
 
 def evaluate_params(
@@ -396,7 +405,7 @@ def evaluate_params(
     if jax.process_index() == 0:
         if grid_fids and evaluator.grid is not None:
             images_lib.save_png(
-                pfid_plot(grid_fids, evaluator.grid), os.path.join(out_dir, "pfid_grid.png")
+                pfid_plot(grid_fids, evaluator.grid), files.join(out_dir, "pfid_grid.png")
             )
-        files.write_json(os.path.join(out_dir, "metrics.json"), {"params": label, **result})
+        files.write_json(files.join(out_dir, "metrics.json"), {"params": label, **result})
     return result

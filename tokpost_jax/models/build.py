@@ -40,6 +40,7 @@ def _vit_vq(config: ml_collections.ConfigDict) -> Tokenizer:
         decoder=m.decoder.to_dict(),
         commit_weight=m.commit_weight,
         dtype=jnp.dtype(config.dtype),
+        remat=m.get("remat", "none"),
     )
 
 
@@ -59,6 +60,7 @@ def _coda(config: ml_collections.ConfigDict) -> CODATokenizer:
         eval_posterior=m.eval_posterior,
         perturb_min_side=config.perturbation.get("min_side", 1),
         dtype=jnp.dtype(config.dtype),
+        remat=m.get("remat", "none"),
     )
 
 
@@ -109,6 +111,7 @@ def generator(config: ml_collections.ConfigDict) -> RAR:
         scale_of_token=(
             tuple(int(k) for k in tok.layout.scale_of_token()) if m.get("scale_embed") else ()
         ),
+        remat=m.get("remat", "none"),
     )
 
 

@@ -45,13 +45,14 @@ class CODATokenizer(TokenizerInterface, nn.Module):
     eval_posterior: str = "mean"
     perturb_min_side: int = 1
     dtype: Any = jnp.float32
+    remat: str = "none"  # the VAE's res/attn blocks (models/remat.py); the quantizer has its own
 
     def setup(self) -> None:
         if self.eval_posterior not in POSTERIOR_MODES:
             raise ValueError(
                 f"eval_posterior={self.eval_posterior!r}; use one of {POSTERIOR_MODES}"
             )
-        self.vae = build_klvae(dict(self.vae_config), dtype=self.dtype)
+        self.vae = build_klvae(dict(self.vae_config), dtype=self.dtype, remat=self.remat)
         self.quantizer = CODAQuantizer(
             codebook_size=self.codebook_size,
             dim=int(self.vae_config["z_channels"]),

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tokpost_jax.models.remat import remat as remat_module
 from tokpost_jax.models.vit import constrain, logical
 
 # RAR initialises every Linear / Embedding with a std-0.02 truncated normal (PyTorch truncates at
@@ -237,6 +238,7 @@ class RAR(nn.Module):
     extra_positions: int = 1024
     extra_timesteps: int = 100
     scale_of_token: tuple[int, ...] = ()
+    remat: str = "none"  # the blocks' policy (models/remat.py); the parameters are unchanged
 
     def setup(self) -> None:
         if self.width % self.num_heads:
@@ -266,8 +268,10 @@ class RAR(nn.Module):
             logical(INIT, (None, "embed")),
             (self.num_tokens + self.extra_timesteps, w),
         )
+        # (self, x, c, deterministic, ...): the flag is static under remat.
+        block = remat_module(Block, self.remat, static_argnums=(3,))
         self.blocks = [
-            Block(
+            block(
                 self.num_heads,
                 self.mlp_dim,
                 self.dropout,

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from tokpost_jax.models.lora import LoRAConv, lora_rank_for
+from tokpost_jax.models.remat import remat as remat_module
 from tokpost_jax.models.vit import logical
 
 IMAGE_CHANNELS = 3
@@ -46,6 +47,7 @@ class _Ctx(nn.Module):
     lora_rank: int = 0
     lora_patterns: tuple[str, ...] = ()
     dtype: Any = jnp.float32
+    remat: str = "none"  # policy of the res/attn blocks (models/remat.py)
 
     def conv(self, local: str, features: int, kernel: int = 3, strides: int = 1,
              padding: Sequence[tuple[int, int]] = _PAD1, in_axis: str | None = None,
@@ -67,7 +69,12 @@ class _Ctx(nn.Module):
     def child(self, local: str) -> dict[str, Any]:
         """Keyword arguments for a sub-module named ``local`` (torch name extended with it)."""
         return dict(torch_name=f"{self.torch_name}.{local}", norm_groups=self.norm_groups,
-                    lora_rank=self.lora_rank, lora_patterns=self.lora_patterns, dtype=self.dtype)
+                    lora_rank=self.lora_rank, lora_patterns=self.lora_patterns, dtype=self.dtype,
+                    remat=self.remat)
+
+    def blocks(self) -> tuple[type[ResnetBlock], type[AttnBlock]]:
+        """The res and attention block classes under this module's remat policy."""
+        return remat_module(ResnetBlock, self.remat), remat_module(AttnBlock, self.remat)
 
 
 class ResnetBlock(_Ctx):
@@ -123,9 +130,10 @@ class Mid(_Ctx):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x = ResnetBlock(features=c, name="block_1", **self.child("block_1"))(x)
-        x = AttnBlock(name="attn_1", **self.child("attn_1"))(x)
-        return ResnetBlock(features=c, name="block_2", **self.child("block_2"))(x)
+        res, attn = self.blocks()
+        x = res(features=c, name="block_1", **self.child("block_1"))(x)
+        x = attn(name="attn_1", **self.child("attn_1"))(x)
+        return res(features=c, name="block_2", **self.child("block_2"))(x)
 
 
 class _Level(_Ctx):
@@ -139,11 +147,11 @@ class _Level(_Ctx):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         # torch names: <level>.block.j / <level>.attn.j; Flax names: block_j / attn_j.
+        res, attn = self.blocks()
         for j in range(self.num_blocks):
-            x = ResnetBlock(features=self.features, name=f"block_{j}",
-                            **self.child(f"block.{j}"))(x)
+            x = res(features=self.features, name=f"block_{j}", **self.child(f"block.{j}"))(x)
             if self.attention:
-                x = AttnBlock(name=f"attn_{j}", **self.child(f"attn.{j}"))(x)
+                x = attn(name=f"attn_{j}", **self.child(f"attn.{j}"))(x)
         if self.resample == "downsample":
             x = Downsample(name="downsample", **self.child("downsample"))(x)
         elif self.resample == "upsample":
@@ -229,10 +237,12 @@ class KLVAE(nn.Module):
     lora_rank: int = 0
     lora_patterns: tuple[str, ...] = ()
     dtype: Any = jnp.float32
+    remat: str = "none"  # the encoder's and decoder's res/attn blocks (models/remat.py)
 
     def setup(self) -> None:
         shared = dict(norm_groups=self.norm_groups, lora_rank=self.lora_rank,
-                      lora_patterns=tuple(self.lora_patterns), dtype=self.dtype)
+                      lora_patterns=tuple(self.lora_patterns), dtype=self.dtype,
+                      remat=self.remat)
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                     z_channels=self.z_channels, resolution=self.resolution)
         self.encoder = Encoder(torch_name="encoder", attn_resolutions=tuple(

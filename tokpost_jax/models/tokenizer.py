@@ -48,6 +48,7 @@ class _LatentViT(nn.Module):
     drop_path: float = 0.0
     layerscale_init: float | None = None
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # models/remat.py policy of the transformer blocks
 
     def transformer(self, x: jax.Array, deterministic: bool) -> jax.Array:
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
@@ -58,6 +59,7 @@ class _LatentViT(nn.Module):
             self.drop_path,
             self.layerscale_init,
             dtype=self.dtype,
+            remat=self.remat,
             name="transformer",
         )(x, deterministic)
 
@@ -164,6 +166,7 @@ class Tokenizer(TokenizerInterface, nn.Module):
     decoder: dict
     commit_weight: float = 0.25
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # both ViTs' blocks (models/remat.py); the parameters are unchanged
 
     def setup(self) -> None:
         common = dict(
@@ -171,6 +174,7 @@ class Tokenizer(TokenizerInterface, nn.Module):
             patch_size=self.patch_size,
             num_latent_tokens=self.num_latent_tokens,
             dtype=self.dtype,
+            remat=self.remat,
         )
         self.vit_encoder = ViTEncoder(**common, **self.encoder)
         self.quant_conv = nn.Dense(

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokpost_jax.models.remat import remat as remat_module
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -153,7 +155,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of blocks with a linearly increasing drop-path rate and a final LayerNorm."""
+    """A stack of blocks with a linearly increasing drop-path rate and a final LayerNorm.
+
+    ``remat`` (:mod:`tokpost_jax.models.remat`) recomputes each block in the backward pass.
+    """
 
     depth: int
     num_heads: int
@@ -161,12 +166,14 @@ class Transformer(nn.Module):
     drop_path: float = 0.0
     layerscale_init: float | None = None
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth else []
+        block = remat_module(Block, self.remat, static_argnums=(2,))  # (self, x, deterministic)
         for i in range(self.depth):
-            x = Block(
+            x = block(
                 self.num_heads,
                 self.mlp_dim,
                 drop_path=float(rates[i]),

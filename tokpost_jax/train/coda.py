@@ -26,7 +26,7 @@ from tokpost_jax import data as data_lib
 from tokpost_jax.config_checks import ConfigValueError
 from tokpost_jax.metrics import reconstruction
 from tokpost_jax.models.quantizer import code_usage
-from tokpost_jax.train import optim
+from tokpost_jax.train import accumulate, optim
 from tokpost_jax.train.partition import Partition, param_at
 from tokpost_jax.train.reconstruction import ReconstructionStage
 from tokpost_jax.train.state import TrainState, step_rng, stream
@@ -136,10 +136,53 @@ class CODAStage(ReconstructionStage):
     def train_step(
         self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update of the trainable leaves from ``grad_accum_steps`` microbatches."""
         rng = step_rng(rng, state.step)
+        trainable, fixed = self.partition.split(state.params)
+        mean, per = accumulate.accumulate(
+            lambda mb, r: self.microbatch(state, trainable, fixed, mb, r, frozen), batch, rng,
+            self.accum_steps,
+        )
+        grads, metrics, extra = mean["grads"], dict(mean["metrics"]), dict(state.extra)
+        if self.gan is not None:
+            extra, gan_metrics = self.gan.update(
+                state.step, extra, mean["disc"], accumulate.last(per["disc"])
+            )
+            metrics.update(gan_metrics)
+        updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        decay = optim.ema_decay(self.config.optim, state.step, self.ema_start)
+        ema_trainable, ema_fixed = self.partition.split(state.ema_params)
+        ema = Partition.merge(optim.ema_update(ema_trainable, new_trainable, decay), ema_fixed)
+        metrics.update(
+            {
+                **code_usage(accumulate.join(per["indices"]), self.model.codebook_size),
+                "grad_norm": optim.global_norm(grads),
+                "param_norm": optim.global_norm(new_trainable),
+                "lr": self.schedule(state.step),
+                "ema_decay": decay,
+            }
+        )
+        if self.perturb.enabled:
+            metrics["perturb_alpha"], metrics["perturb_delta"] = self.perturb.values(state.step)
+        new_state = state.replace(
+            step=state.step + 1, params=Partition.merge(new_trainable, fixed),
+            opt_state=opt_state, ema_params=ema, extra=extra,
+        )
+        return new_state, metrics
+
+    def microbatch(
+        self, state: TrainState, trainable: Any, fixed: Any, batch: dict, rng: jax.Array,
+        frozen: Any,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One microbatch's gradients of the trainable leaves: (averaged, per microbatch).
+
+        The quantizer's entropy takes its batch distribution over this microbatch (in
+        ``model.quantizer.entropy_groups`` groups of it), as the official code does per GPU and
+        accumulation step.
+        """
         images, inputs = batch["image"], batch[self.input_key]
         pert = self.perturb.at(state.step, rng)
-        trainable, fixed = self.partition.split(state.params)
         merge = Partition.merge
 
         def encode(t):
@@ -158,48 +201,35 @@ class CODAStage(ReconstructionStage):
         (rec, rec_terms), grad_rec = jax.value_and_grad(
             lambda r: self.reconstruction_loss(r, images, rng, frozen), has_aux=True
         )(recon)
-        grad_recon, total, extra, metrics = grad_rec, rec + side, dict(state.extra), {}
+        grad_recon, total, metrics = grad_rec, rec + side, {}
+        averaged: dict[str, Any] = {}
+        per_micro: dict[str, Any] = {"indices": q.indices}
         if self.gan is not None:
             path = self.gan.cfg.adaptive_param
 
             def reference_grad(image_grad: jax.Array) -> jax.Array:
                 return param_at(dec_vjp(image_grad)[0], path, what="gan.adaptive_param")
 
-            grad_recon, adv_term, extra, metrics = self.gan.step(
-                state.step, extra, rng, images, recon, grad_rec, reference_grad, frozen
+            grad_recon, adv_term, averaged["disc"], per_micro["disc"], metrics = (
+                self.gan.microbatch(
+                    state.step, state.extra, rng, images, recon, grad_rec, reference_grad, frozen
+                )
             )
             total = total + adv_term
         g_dec, g_f = dec_vjp(grad_recon)
         (g_enc,) = enc_vjp((g_f, jnp.ones_like(side)))
-        grads = jax.tree.map(jnp.add, g_enc, g_dec)
-        updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        decay = optim.ema_decay(self.config.optim, state.step, self.ema_start)
-        ema_trainable, ema_fixed = self.partition.split(state.ema_params)
-        ema = merge(optim.ema_update(ema_trainable, new_trainable, decay), ema_fixed)
+        averaged["grads"] = jax.tree.map(jnp.add, g_enc, g_dec)
         names = self.model.layout.scale_names()
-        metrics.update(
-            {
-                "loss": total,
-                **rec_terms,
-                **{f"{name}_loss": value for name, value in q.losses.items()},
-                **{
-                    f"{stat}_{name}": q.per_scale[stat][k]
-                    for stat in ("vq", "residual_rms", "entropy_batch")
-                    for k, name in enumerate(names)
-                },
-                "psnr": jnp.mean(reconstruction.psnr_per_image(jnp.clip(recon, -1, 1), images)),
-                **code_usage(q.indices, self.model.codebook_size),
-                "grad_norm": optim.global_norm(grads),
-                "param_norm": optim.global_norm(new_trainable),
-                "lr": self.schedule(state.step),
-                "ema_decay": decay,
-            }
-        )
-        if self.perturb.enabled:
-            metrics["perturb_alpha"], metrics["perturb_delta"] = self.perturb.values(state.step)
-        new_state = state.replace(
-            step=state.step + 1, params=merge(new_trainable, fixed), opt_state=opt_state,
-            ema_params=ema, extra=extra,
-        )
-        return new_state, metrics
+        averaged["metrics"] = {
+            **metrics,
+            "loss": total,
+            **rec_terms,
+            **{f"{name}_loss": value for name, value in q.losses.items()},
+            **{
+                f"{stat}_{name}": q.per_scale[stat][k]
+                for stat in ("vq", "residual_rms", "entropy_batch")
+                for k, name in enumerate(names)
+            },
+            "psnr": jnp.mean(reconstruction.psnr_per_image(jnp.clip(recon, -1, 1), images)),
+        }
+        return averaged, per_micro

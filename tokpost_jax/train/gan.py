@@ -7,6 +7,10 @@ cotangent ``g_rec + c·g_adv``, so the stage runs ONE backward pass of its model
 adaptive weight λ = ‖∂L_rec/∂W‖ / (‖∂L_adv/∂W‖ + eps) needs the gradient w.r.t. one reference
 parameter W (named by ``gan.adaptive_param``); the stage supplies ``reference_grad``, a map from
 an image cotangent to ∂/∂W, which it can compute cheaply for its own architecture.
+
+Under gradient accumulation (:mod:`tokpost_jax.train.accumulate`) :meth:`step` is its two
+halves: :meth:`microbatch` per microbatch (G term and D gradients, with the step's
+discriminator) and :meth:`update` once per step (one D optimizer update).
 """
 
 from __future__ import annotations
@@ -181,7 +185,33 @@ class GANSide:
         frozen: Any,
     ) -> tuple[jax.Array, jax.Array, dict[str, Any], dict[str, jax.Array]]:
         """(image cotangent g_rec + c·g_adv, the adversarial loss term c·L_adv, new ``extra``,
-        metrics); one D update (hinge + LeCAM on DiffAugment-ed real and detached recon)."""
+        metrics): :meth:`microbatch` on the whole batch, then :meth:`update`."""
+        grad_out, adv_term, averaged, latest, metrics = self.microbatch(
+            step, extra, rng, images, recon, grad_rec, reference_grad, frozen
+        )
+        extra, update_metrics = self.update(step, extra, averaged, latest)
+        return grad_out, adv_term, extra, {**metrics, **update_metrics}
+
+    def microbatch(
+        self,
+        step: jax.Array,
+        extra: dict[str, Any],
+        rng: jax.Array,
+        images: jax.Array,
+        recon: jax.Array,
+        grad_rec: jax.Array,
+        reference_grad: ReferenceGrad,
+        frozen: Any,
+    ) -> tuple[jax.Array, jax.Array, dict[str, Any], dict[str, Any], dict[str, jax.Array]]:
+        """One (micro)batch's generator term and discriminator gradients, both with the step's
+        discriminator: (image cotangent, adversarial loss term, ``averaged`` — D gradients and
+        the LeCAM EMAs updated with this batch's mean logits, to average over microbatches —,
+        ``latest`` — the spectral-norm vectors, the same in every microbatch —, metrics).
+
+        Per microbatch by design: λ (from this batch's gradients, per ``adaptive_weight_groups``
+        contiguous groups of it) and the LeCAM term, which sees the EMAs updated with this
+        batch's means; the EMAs kept are the average, i.e. updated with the global batch mean.
+        """
         gan = self.cfg
         active = step >= self.start
         disc, lecam = extra["disc"], extra["lecam"]
@@ -220,7 +250,7 @@ class GANSide:
             adv_term = jnp.mean(c * per_sample)
         fake = jax.lax.stop_gradient(recon)
 
-        def d_update(_):
+        def d_grads(_):
             def d_loss(disc_params):
                 real_logits, spec = self._apply(
                     disc_params, spectral,
@@ -243,31 +273,49 @@ class GANSide:
                     jnp.mean(real_logits), jnp.mean(fake_logits),
                 )
 
-            (_, aux), d_grads = jax.value_and_grad(d_loss, has_aux=True)(disc["params"])
+            (_, aux), grads = jax.value_and_grad(d_loss, has_aux=True)(disc["params"])
             spec, ema_real, ema_fake, hinge, reg, real_mean, fake_mean = aux
-            updates, opt_state = self.tx.update(d_grads, disc["opt_state"], disc["params"])
-            new_disc = {
-                "params": optax.apply_updates(disc["params"], updates),
-                "opt_state": opt_state,
-                "spectral": spec,
-            }
-            stats = jnp.stack([hinge, reg, real_mean, fake_mean, optim.global_norm(d_grads)])
-            return new_disc, {"real": ema_real, "fake": ema_fake}, stats
+            stats = jnp.stack([hinge, reg, real_mean, fake_mean])
+            return grads, spec, {"real": ema_real, "fake": ema_fake}, stats
 
         def d_off(_):
-            return disc, lecam, jnp.zeros((5,), jnp.float32)
+            zeros = jax.tree.map(jnp.zeros_like, disc["params"])
+            return zeros, spectral, lecam, jnp.zeros((4,), jnp.float32)
 
-        new_disc, new_lecam, stats = gated(active, d_update, d_off)
+        grads, spec, new_lecam, stats = gated(active, d_grads, d_off)
         metrics = {
             "gan_g_loss": adv,
             "adaptive_weight": jnp.mean(lam),
-            "gan_ramp": ramp,
-            "disc_active": active.astype(jnp.float32),
             "disc_hinge": stats[0],
             "disc_lecam": stats[1],
             "logits_real": stats[2],
             "logits_fake": stats[3],
-            "disc_grad_norm": stats[4],
+        }
+        return grad_out, adv_term, {"grads": grads, "lecam": new_lecam}, {"spectral": spec}, metrics
+
+    def update(
+        self, step: jax.Array, extra: dict[str, Any], averaged: dict[str, Any],
+        latest: dict[str, Any],
+    ) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+        """The step's one discriminator update from :meth:`microbatch`'s (averaged) gradients;
+        (new ``extra``, the per-step metrics)."""
+        active = step >= self.start
+        disc = extra["disc"]
+        grads = averaged["grads"]
+
+        def d_update(_):
+            updates, opt_state = self.tx.update(grads, disc["opt_state"], disc["params"])
+            return optax.apply_updates(disc["params"], updates), opt_state, averaged["lecam"]
+
+        def d_off(_):
+            return disc["params"], disc["opt_state"], extra["lecam"]
+
+        params, opt_state, lecam = gated(active, d_update, d_off)
+        new_disc = {"params": params, "opt_state": opt_state, "spectral": latest["spectral"]}
+        metrics = {
+            "gan_ramp": self.ramp(step),
+            "disc_active": active.astype(jnp.float32),
+            "disc_grad_norm": optim.global_norm(grads),
             "disc_lr": self.schedule(jnp.maximum(step - self.start, 0)),
         }
-        return grad_out, adv_term, {**extra, "disc": new_disc, "lecam": new_lecam}, metrics
+        return {**extra, "disc": new_disc, "lecam": lecam}, metrics

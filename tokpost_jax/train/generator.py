@@ -19,8 +19,8 @@ import optax
 
 from tokpost_jax.models import build
 from tokpost_jax.models import generator as gen
+from tokpost_jax.train import accumulate, optim
 from tokpost_jax.train import mfu as mfu_lib
-from tokpost_jax.train import optim
 from tokpost_jax.train.loop import EvalResult, Stage
 from tokpost_jax.train.state import TrainState, step_rng, stream
 
@@ -32,6 +32,7 @@ class GeneratorStage(Stage):
         self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
     ):
         super().__init__(config, total_steps, mesh)
+        self.accum_steps = accumulate.steps_from_config(config, mesh)
         self.model = build.generator(config)
         self.schedule = optim.lr_schedule(config.optim, total_steps)
         self.tx = optim.adamw(config.optim, self.schedule)
@@ -58,31 +59,18 @@ class GeneratorStage(Stage):
     def train_step(
         self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update from ``grad_accum_steps`` microbatches (train/accumulate.py)."""
         del frozen
         cfg = self.config
         rng = step_rng(rng, state.step)
-        tokens = batch["tokens"].astype(jnp.int32)
-        batch_size, n = tokens.shape
-        labels = gen.drop_labels(
-            stream(rng, "label_dropout"), batch["label"].astype(jnp.int32), cfg.label_dropout,
-            self.null_id,
-        )
         r = gen.randomness_schedule(
             state.step, cfg.randomness.anneal_start, cfg.randomness.anneal_end
         )
-        orders = gen.random_orders(stream(rng, "orders"), batch_size, n, r)
-        targets = gen.permute_tokens(tokens, orders)
-
-        def loss_fn(params):
-            logits = self.model.apply(
-                {"params": params}, tokens, labels, orders, deterministic=False,
-                rngs={"dropout": stream(rng, "dropout")},
-            )
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-            accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
-            return jnp.mean(ce), accuracy
-
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        mean, _ = accumulate.accumulate(
+            lambda mb, key: self.microbatch(state.params, mb, key, r), batch, rng,
+            self.accum_steps,
+        )
+        grads = mean["grads"]
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
@@ -92,14 +80,39 @@ class GeneratorStage(Stage):
             step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
         )
         metrics = {
-            "loss": loss,
-            "accuracy": accuracy,
+            **mean["metrics"],
             "lr": self.schedule(state.step),
             "grad_norm": optim.global_norm(grads),
             "param_norm": optim.global_norm(params),
             "random_order_prob": r,
         }
         return new_state, metrics
+
+    def microbatch(
+        self, params: Any, batch: dict, rng: jax.Array, random_order_prob: jax.Array
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One microbatch's cross-entropy gradients; its own label dropout and orders."""
+        cfg = self.config
+        tokens = batch["tokens"].astype(jnp.int32)
+        batch_size, n = tokens.shape
+        labels = gen.drop_labels(
+            stream(rng, "label_dropout"), batch["label"].astype(jnp.int32), cfg.label_dropout,
+            self.null_id,
+        )
+        orders = gen.random_orders(stream(rng, "orders"), batch_size, n, random_order_prob)
+        targets = gen.permute_tokens(tokens, orders)
+
+        def loss_fn(p):
+            logits = self.model.apply(
+                {"params": p}, tokens, labels, orders, deterministic=False,
+                rngs={"dropout": stream(rng, "dropout")},
+            )
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
+            return jnp.mean(ce), accuracy
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return {"grads": grads, "metrics": {"loss": loss, "accuracy": accuracy}}, {}
 
     def throughput_scalars(self, images_per_second: float) -> dict[str, float]:
         tokens = images_per_second * self.model.num_tokens

@@ -11,7 +11,6 @@ import abc
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -129,10 +128,10 @@ def _write_images(
         return
     writer.write_images(step, {f"{prefix}/{k}": v[None] for k, v in images.items()})
     if jax.process_index() == 0:
-        out = os.path.join(workdir, "images")
-        os.makedirs(out, exist_ok=True)
+        out = files.join(workdir, "images")
+        files.makedirs(out)
         for name, grid in images.items():
-            images_lib.save_png(grid, os.path.join(out, f"{prefix}_{name}_{step:07d}.png"))
+            images_lib.save_png(grid, files.join(out, f"{prefix}_{name}_{step:07d}.png"))
 
 
 def run_evaluation(
@@ -171,7 +170,9 @@ class ShardedStage:
 
     @classmethod
     def build(cls, stage: Stage, mesh: jax.sharding.Mesh, rules: Any) -> ShardedStage:
-        abstract_boxed = jax.eval_shape(stage.init, jax.random.PRNGKey(0))
+        # The key is made inside the trace: no eager op, so this also builds for the compile-only
+        # devices of an ahead-of-time target (tokpost_jax.train.aot), where eager ops cannot run.
+        abstract_boxed = jax.eval_shape(lambda: stage.init(jax.random.PRNGKey(0)))
         state_sharding = shd.logical_shardings(abstract_boxed, mesh, rules)
         abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -195,7 +196,7 @@ def _flatten(results: Mapping[str, EvalResult]) -> dict[str, float]:
 
 
 def _eval_log_path(workdir: str) -> str:
-    return os.path.join(workdir, "eval_history.jsonl")
+    return files.join(workdir, "eval_history.jsonl")
 
 
 def _append_eval_history(workdir: str, step: int, results: Mapping[str, EvalResult]) -> None:
@@ -215,18 +216,18 @@ def _append_eval_history(workdir: str, step: int, results: Mapping[str, EvalResu
 def eval_history(workdir: str) -> list[dict]:
     """All evaluations a run in ``workdir`` has logged, one per step (the latest), oldest first."""
     path = _eval_log_path(workdir)
-    if not os.path.exists(path):
+    if not files.exists(path):
         return []
     by_step: dict[int, dict] = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                by_step[int(row["step"])] = row
-            except (ValueError, KeyError, TypeError):  # a line cut by a kill (older versions)
-                logging.warning("Skipping unreadable line %d of %s.", number, path)
+    text = files.read_bytes(path).decode("utf-8", "replace")  # small: read whole, local or gs://
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            by_step[int(row["step"])] = row
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill (older versions)
+            logging.warning("Skipping unreadable line %d of %s.", number, path)
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -277,7 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stage]) -> list[dict]:
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     writer = _Writer(
         metric_writers.create_default_writer(
             workdir, just_logging=jax.process_index() > 0, asynchronous=True
@@ -287,6 +288,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stag
     rules = shd.rules_tuple(config.sharding_rules)
     mesh = shd.make_mesh(config.mesh)
     _check_batch_size(config.batch_size, mesh, rules, "batch_size")
+    shd.warn_if_paper_scale_on_cpu(config)
     total_steps = total_steps_from_config(config)
     logging.info(
         "Mesh %s over %d devices (%d hosts); %d steps.",
@@ -299,7 +301,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stag
     stage = stage_cls(config, total_steps, mesh)
     base_rng = jax.random.PRNGKey(config.seed)
     checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+        files.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
     )
     config_json = config.to_dict()
     step = 0
@@ -321,7 +323,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stag
                 start_step = 0
                 state = stage.load_pretrained(sharded.init(jax.random.PRNGKey(config.seed)))
                 if config.get("init_from") and config.init_from.get("workdir"):
-                    src = os.path.join(config.init_from.workdir, "checkpoints")
+                    src = files.join(config.init_from.workdir, "checkpoints")
                     params = ckpt_lib.load_params(src, key=config.init_from.params_key)
                     state = stage.warm_start(state, params)
                     logging.info("Warm-started %s from %s.", config.init_from.params_key, src)

@@ -25,11 +25,16 @@ class PerturbationSchedule:
         self.steps_per_unit = steps_per_unit
         if not self.enabled:
             return
-        group = p.group_size or config.batch_size
-        if config.batch_size % group:
+        # Groups are counted within a microbatch (train/accumulate.py).
+        k = config.get("grad_accum_steps", 1)
+        micro = config.batch_size // k
+        group = p.group_size or micro
+        if micro % group:
+            what = f" / grad_accum_steps={k} = {micro}" if k > 1 else ""
             raise ConfigValueError(
                 "perturbation.group_size", p.group_size,
-                f"must divide batch_size={config.batch_size} (0: the whole batch is one group)",
+                f"must divide batch_size={config.batch_size}{what} (0: the whole "
+                f"{'micro' if k > 1 else ''}batch is one group)",
             )
         if perturbation.samples_per_group(p.beta, group) == 0:
             raise ConfigValueError(

@@ -18,7 +18,6 @@ norms, the values included, since they feed the residual — is refused).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ import ml_collections
 from absl import logging
 
 from tokpost_jax import checkpoint as ckpt_lib
+from tokpost_jax import files
 from tokpost_jax.config_checks import ConfigValueError
 from tokpost_jax.train import optim
 from tokpost_jax.train.coda import CODAStage
@@ -58,7 +58,7 @@ def reuse_discriminator(stage: ReconstructionStage, state: TrainState) -> TrainS
     ``post.reuse_discriminator`` (RobusTok's paper; its code re-initialises them)."""
     if stage.gan is None or not stage.config.post.reuse_discriminator:
         return state
-    src = os.path.join(stage.config.init_from.workdir, "checkpoints")
+    src = files.join(stage.config.init_from.workdir, "checkpoints")
     extra = ckpt_lib.load_params(src, key="extra")
     if "disc" not in extra:
         raise ckpt_lib.CheckpointError(

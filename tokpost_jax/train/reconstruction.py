@@ -25,6 +25,7 @@ from tokpost_jax.config_checks import ConfigValueError
 from tokpost_jax.convert.lpips_weights import load_lpips_params
 from tokpost_jax.metrics import tokenizer as tokenizer_metrics
 from tokpost_jax.models import build
+from tokpost_jax.train import accumulate
 from tokpost_jax.train.gan import GANSide
 from tokpost_jax.train.loop import EvalResult, Stage
 from tokpost_jax.train.perturb_schedule import PerturbationSchedule
@@ -51,6 +52,7 @@ class ReconstructionStage(Stage):
         self, config: ml_collections.ConfigDict, total_steps: int, mesh: jax.sharding.Mesh
     ):
         super().__init__(config, total_steps, mesh)
+        self.accum_steps = accumulate.steps_from_config(config, mesh)
         self.model = self.build_model(config)
         self.lpips = build.lpips(config.loss)
         self.steps_per_epoch = steps_per_epoch(config)

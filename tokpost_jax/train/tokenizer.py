@@ -27,7 +27,7 @@ from tokpost_jax.models import build
 from tokpost_jax.models.quantizer import code_usage, restart_dead_codes, update_code_usage
 from tokpost_jax.models.tokenizer import Tokenizer
 from tokpost_jax.models.vit import patchify
-from tokpost_jax.train import optim
+from tokpost_jax.train import accumulate, optim
 from tokpost_jax.train.partition import param_at
 from tokpost_jax.train.reconstruction import ReconstructionStage
 from tokpost_jax.train.state import TrainState, step_rng, stream
@@ -116,8 +116,46 @@ class TokenizerStage(ReconstructionStage):
     def train_step(
         self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        cfg = self.config
+        """One update from ``grad_accum_steps`` microbatches (train/accumulate.py)."""
         rng = step_rng(rng, state.step)
+        mean, per = accumulate.accumulate(
+            lambda mb, r: self.microbatch(state, mb, r, frozen), batch, rng, self.accum_steps
+        )
+        grads, metrics, extra = mean["grads"], dict(mean["metrics"]), dict(state.extra)
+        if self.gan is not None:
+            extra, gan_metrics = self.gan.update(
+                state.step, extra, mean["disc"], accumulate.last(per["disc"])
+            )
+            metrics.update(gan_metrics)
+        indices, features = accumulate.join(per["indices"]), accumulate.join(per["features"])
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = self.apply_updates(state.params, updates)
+        params, extra, restarted = self.maybe_restart_codes(
+            state, extra, params, indices, features, rng
+        )
+        ema = self.update_ema(state.ema_params, params)
+        metrics.update(
+            {
+                **code_usage(indices, self.model.codebook_size),
+                "grad_norm": optim.global_norm(grads),
+                "param_norm": optim.global_norm(params),
+                "lr": self.schedule(state.step),
+                "codes_restarted": restarted,
+            }
+        )
+        if self.perturb.enabled:
+            metrics["perturb_alpha"], metrics["perturb_delta"] = self.perturb.values(state.step)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, extra=extra
+        )
+        return new_state, metrics
+
+    def microbatch(
+        self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One microbatch's gradients with one backward pass of the tokenizer: (averaged —
+        grads, D gradients, mean metrics —, per microbatch — indices, features, spectral)."""
+        cfg = self.config
         images = batch["image"]
         inputs = batch[self.input_key]
         pert = self.perturb.at(state.step, rng)
@@ -157,7 +195,8 @@ class TokenizerStage(ReconstructionStage):
         )(recon)
         metrics: dict[str, jax.Array] = {}
         grad_recon, total = grad_rec, rec + side_loss
-        extra = dict(state.extra)
+        averaged: dict[str, Any] = {}
+        per_micro: dict[str, Any] = {"indices": q.indices, "features": q.features}
         if self.gan is not None:
             side_zero = jnp.zeros_like(side_loss)
 
@@ -168,36 +207,23 @@ class TokenizerStage(ReconstructionStage):
                 (g,) = backward((image_grad, side_zero))  # any parameter: one more backward
                 return param_at(g, path, what="gan.adaptive_param")
 
-            grad_recon, adv_term, extra, metrics = self.gan.step(
-                state.step, extra, rng, images, recon, grad_rec, reference_grad, frozen
+            grad_recon, adv_term, averaged["disc"], per_micro["disc"], metrics = (
+                self.gan.microbatch(
+                    state.step, state.extra, rng, images, recon, grad_rec, reference_grad, frozen
+                )
             )
             total = total + adv_term
 
-        (grads,) = backward((grad_recon, jnp.ones_like(side_loss)))
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = self.apply_updates(state.params, updates)
-        params, extra, restarted = self.maybe_restart_codes(state, extra, params, q, rng)
-        ema = self.update_ema(state.ema_params, params)
-        metrics.update(
-            {
-                "loss": total,
-                **rec_terms,
-                "semantic_loss": semantic,
-                **{f"{name}_loss": value for name, value in q.losses.items()},
-                "psnr": jnp.mean(reconstruction.psnr_per_image(jnp.clip(recon, -1, 1), images)),
-                **code_usage(q.indices, self.model.codebook_size),
-                "grad_norm": optim.global_norm(grads),
-                "param_norm": optim.global_norm(params),
-                "lr": self.schedule(state.step),
-                "codes_restarted": restarted,
-            }
-        )
-        if self.perturb.enabled:
-            metrics["perturb_alpha"], metrics["perturb_delta"] = self.perturb.values(state.step)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, extra=extra
-        )
-        return new_state, metrics
+        (averaged["grads"],) = backward((grad_recon, jnp.ones_like(side_loss)))
+        averaged["metrics"] = {
+            **metrics,
+            "loss": total,
+            **rec_terms,
+            "semantic_loss": semantic,
+            **{f"{name}_loss": value for name, value in q.losses.items()},
+            "psnr": jnp.mean(reconstruction.psnr_per_image(jnp.clip(recon, -1, 1), images)),
+        }
+        return averaged, per_micro
 
     def apply_updates(self, params: Any, updates: Any) -> Any:
         return optax.apply_updates(params, updates)
@@ -206,16 +232,18 @@ class TokenizerStage(ReconstructionStage):
         return optim.ema_update(ema, params, self.config.optim.ema_decay)
 
     def maybe_restart_codes(
-        self, state: TrainState, extra: dict, params: Any, q, rng: jax.Array
+        self, state: TrainState, extra: dict, params: Any, indices: jax.Array,
+        features: jax.Array, rng: jax.Array,
     ) -> tuple[Any, dict, jax.Array]:
-        """Tracks code usage and, every ``dead_code_restart.every_steps``, re-seeds dead codes."""
+        """Tracks code usage and, every ``dead_code_restart.every_steps``, re-seeds dead codes
+        (from the whole batch's ``indices`` and quantizer ``features``)."""
         cfg = self.config.dead_code_restart
-        usage = update_code_usage(state.extra["code_usage"], q.indices, cfg.usage_decay)
+        usage = update_code_usage(state.extra["code_usage"], indices, cfg.usage_decay)
         if not cfg.every_steps:
             return params, {**extra, "code_usage": usage}, jnp.zeros((), jnp.int32)
         emb = params["quantizer"]["embedding"]
         new_emb, new_usage, n = restart_dead_codes(
-            stream(rng, "code_restart"), emb, usage, q.features, cfg.min_usage
+            stream(rng, "code_restart"), emb, usage, features, cfg.min_usage
         )
         due = (state.step + 1) % cfg.every_steps == 0
         emb = jnp.where(due, new_emb, emb)

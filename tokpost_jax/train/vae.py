@@ -23,7 +23,7 @@ from tokpost_jax.config_checks import ConfigValueError
 from tokpost_jax.metrics import reconstruction
 from tokpost_jax.models import build
 from tokpost_jax.models.klvae import IMAGE_CHANNELS, PARAM_GROUPS, gaussian_kl
-from tokpost_jax.train import optim
+from tokpost_jax.train import accumulate, optim
 from tokpost_jax.train.partition import param_at
 from tokpost_jax.train.reconstruction import ReconstructionStage
 from tokpost_jax.train.state import TrainState, step_rng, stream
@@ -106,7 +106,37 @@ class VAEStage(ReconstructionStage):
     def train_step(
         self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
     ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update from ``grad_accum_steps`` microbatches (train/accumulate.py)."""
         rng = step_rng(rng, state.step)
+        mean, per = accumulate.accumulate(
+            lambda mb, r: self.microbatch(state, mb, r, frozen), batch, rng, self.accum_steps
+        )
+        grads, metrics, extra = mean["grads"], dict(mean["metrics"]), dict(state.extra)
+        if self.gan is not None:
+            extra, gan_metrics = self.gan.update(
+                state.step, extra, mean["disc"], accumulate.last(per["disc"])
+            )
+            metrics.update(gan_metrics)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = optim.ema_update(state.ema_params, params, self.config.optim.ema_decay)
+        metrics.update(
+            {
+                "latent_std": jnp.std(accumulate.join(per["mean"])),  # over the whole batch
+                "grad_norm": optim.global_norm(grads),
+                "param_norm": optim.global_norm(params),
+                "lr": self.schedule(state.step),
+            }
+        )
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, extra=extra
+        )
+        return new_state, metrics
+
+    def microbatch(
+        self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One microbatch's gradients with one backward pass: (averaged, per microbatch)."""
         images = batch["image"]
         (recon, kl), backward, (_, mean, logvar) = jax.vjp(
             lambda p: self.forward(p, images, rng), state.params, has_aux=True
@@ -117,32 +147,25 @@ class VAEStage(ReconstructionStage):
         )(recon)
         kl_weight = self.kl_per_pixel_weight()
         metrics: dict[str, jax.Array] = {}
-        grad_recon, total, extra = grad_rec, rec + kl_weight * kl, dict(state.extra)
+        grad_recon, total = grad_rec, rec + kl_weight * kl
+        averaged: dict[str, Any] = {}
+        per_micro: dict[str, Any] = {"mean": mean}
         if self.gan is not None:
             ref = self.reference_grad(backward, jnp.zeros_like(kl))
-            grad_recon, adv_term, extra, metrics = self.gan.step(
-                state.step, extra, rng, images, recon, grad_rec, ref, frozen
+            grad_recon, adv_term, averaged["disc"], per_micro["disc"], metrics = (
+                self.gan.microbatch(
+                    state.step, state.extra, rng, images, recon, grad_rec, ref, frozen
+                )
             )
             total = total + adv_term
 
-        (grads,) = backward((grad_recon, jnp.asarray(kl_weight, kl.dtype)))
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = optim.ema_update(state.ema_params, params, self.config.optim.ema_decay)
-        metrics.update(
-            {
-                "loss": total,
-                **rec_terms,
-                "kl_loss": kl,
-                "psnr": jnp.mean(reconstruction.psnr_per_image(jnp.clip(recon, -1, 1), images)),
-                "posterior_std": jnp.mean(jnp.exp(0.5 * logvar)),
-                "latent_std": jnp.std(mean),
-                "grad_norm": optim.global_norm(grads),
-                "param_norm": optim.global_norm(params),
-                "lr": self.schedule(state.step),
-            }
-        )
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema, extra=extra
-        )
-        return new_state, metrics
+        (averaged["grads"],) = backward((grad_recon, jnp.asarray(kl_weight, kl.dtype)))
+        averaged["metrics"] = {
+            **metrics,
+            "loss": total,
+            **rec_terms,
+            "kl_loss": kl,
+            "psnr": jnp.mean(reconstruction.psnr_per_image(jnp.clip(recon, -1, 1), images)),
+            "posterior_std": jnp.mean(jnp.exp(0.5 * logvar)),
+        }
+        return averaged, per_micro
