@@ -101,7 +101,7 @@ def coda_pipeline(arg: str) -> ml_collections.ConfigDict:
         c.tokenizer.fid_eval.update(num_images=16, batch_size=16)
         c.tokenizer.pfid.update(alphas=(0.9, 0.5), deltas_at_16384=(512, 1024))
         c.generator.gfid.update(num_samples=32, num_reference=32, batch_size=16)
-    else:  # sized for ~25 min on 2 CPU cores; measured only under load (README: ~37 min est.)
+    else:  # sized for ~25 min on 2 CPU cores; ~51 min projected from measured stages (README)
         c.tokenizer.fid_eval.update(num_images=32, batch_size=32)
         c.tokenizer.data.num_eval_examples = 200
         c.generator.total_steps = 800
