@@ -317,11 +317,14 @@ def test_train_order_is_deterministic_covers_epochs_and_resumes(shard_root):
     fresh.set_state(state)
     assert_batches_equal(first + take(fresh, 7), reference)
 
-    hosts = [
-        np.concatenate([b["id"] for b in take(train_iter(cfg, index=i, count=2), 3)])
-        for i in (0, 1)
-    ]
-    assert not set(hosts[0]) & set(hosts[1])
+    # Two hosts hold the two halves of each one-host batch (one global stream, disjoint halves).
+    double = take(train_iter(cfg, seed=3, batch=8), 3)
+    hosts = [take(train_iter(cfg, seed=3, batch=4, index=i, count=2), 3) for i in (0, 1)]
+    for k, batch in enumerate(double):
+        for key in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([hosts[0][k][key], hosts[1][k][key]]), batch[key])
+    assert not set(hosts[0][0]["id"]) & set(hosts[1][0]["id"])
 
 
 def test_eval_batches_pad_every_field_and_mask(shard_root):
