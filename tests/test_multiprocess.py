@@ -209,7 +209,9 @@ def test_two_processes_killed_and_resumed_equal_one_process_bit_for_bit(tmp_path
              processes=n, logs=str(tmp_path / f"logs_tokens_{name}"))
         _run(["-m", "tokpost_jax.cli.eval_tokenizer", config, f"--workdir={workdir}",
               f"--out={workdir}/eval", "--config.fid_eval.num_images=16",
-              "--config.fid_eval.batch_size=16"],
+              "--config.fid_eval.batch_size=16", "--config.pfid.alphas=(0.9,0.5)",
+              # At K = 64 the paper's δ all scale to 1; these scale to δ = 2 and 4.
+              "--config.pfid.deltas_at_16384=(512,1024)"],
              processes=n, logs=str(tmp_path / f"logs_eval_{name}"))
 
     single, multi = runs["single"], runs["multi"]
