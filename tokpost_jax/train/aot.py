@@ -405,7 +405,16 @@ def compile_train_step(
             t0 = time.perf_counter()
             lowered = sharded.step.lower(sharded.abstract_state, batch, rng, frozen)
             t1 = time.perf_counter()
-            compiled = lowered.compile()
+            try:
+                compiled = lowered.compile()
+            except jax.errors.JaxRuntimeError as e:  # the answer "does not fit" is a result
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                raise AOTError(
+                    f"the step does not fit on {target.name} ({config.batch_size / shards:g} "
+                    f"per chip): {str(e).splitlines()[0][:300].rstrip('.')}. Use more chips, "
+                    "--config.mesh.fsdp=N or a smaller batch_size."
+                ) from None
             t2 = time.perf_counter()
     mem = compiled.memory_analysis()
     cost = _cost(compiled)
