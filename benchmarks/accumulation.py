@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_config import bench_config
 
 from tokpost_jax import sharding as shd
 from tokpost_jax.config_lib import load_config_file
@@ -93,19 +94,10 @@ class Bench:
     """One variant's compiled step and XLA's memory account; :meth:`step` times one call."""
 
     def __init__(self, config_path: str, overrides: dict, batch: int):
-        cfg = load_config_file(config_path)
-        cfg.unlock()
-        cfg.batch_size = batch
-        if "gan" in cfg:
-            cfg.gan.start = 0  # time the step with the discriminator active
-        if "semantic" in cfg:
-            cfg.semantic.teacher_weights = None  # no teacher file here
-        for key, value in overrides.items():
-            node = cfg
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
+        # The discriminator active from step 0; no teacher file here.
+        fixes = {k: v for k, v in (("gan.start", 0), ("semantic.teacher_weights", None))
+                 if k.split(".")[0] in load_config_file(config_path)}
+        cfg = bench_config(config_path, batch, fixes, overrides)
         mesh = shd.make_mesh({"data": -1, "fsdp": 1})
         rules = shd.rules_tuple(cfg.sharding_rules)
         stage = stage_class(cfg.trainer)(cfg, 1000, mesh)

@@ -22,9 +22,9 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+from bench_config import bench_config
 
 from tokpost_jax import sharding as shd
-from tokpost_jax.config_lib import load_config_file
 from tokpost_jax.train.loop import ShardedStage
 from tokpost_jax.train.vae import VAEStage
 
@@ -42,15 +42,7 @@ class Bench:
     """One variant's compiled step on synthetic batches; :meth:`step` times one call."""
 
     def __init__(self, config_path: str, overrides: dict, batch: int):
-        cfg = load_config_file(config_path)
-        cfg.unlock()
-        cfg.batch_size = batch
-        for key, value in overrides.items():
-            node = cfg
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
+        cfg = bench_config(config_path, batch, overrides)
         self.mesh = shd.make_mesh({"data": -1, "fsdp": 1})
         self.rules = shd.rules_tuple(cfg.sharding_rules)
         stage = VAEStage(cfg, 1000, self.mesh)

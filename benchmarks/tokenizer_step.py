@@ -19,9 +19,9 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+from bench_config import bench_config
 
 from tokpost_jax import sharding as shd
-from tokpost_jax.config_lib import load_config_file
 from tokpost_jax.train import mfu as mfu_lib
 from tokpost_jax.train.loop import ShardedStage
 from tokpost_jax.train.tokenizer import TokenizerStage
@@ -42,17 +42,9 @@ def peak_tflops(device: jax.Device) -> float | None:
 
 
 def bench(config_path: str, overrides: dict, batch: int, steps: int) -> dict:
-    cfg = load_config_file(config_path)
-    cfg.unlock()
-    cfg.batch_size = batch
-    cfg.gan.start = 0  # time the step with the discriminator active
-    cfg.semantic.teacher_weights = None  # no teacher file here; InfoNCE needs one
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    # The discriminator active from step 0; no teacher file here (InfoNCE needs one).
+    cfg = bench_config(config_path, batch, {"gan.start": 0, "semantic.teacher_weights": None},
+                       overrides)
     mesh = shd.make_mesh({"data": -1, "fsdp": 1})
     rules = shd.rules_tuple(cfg.sharding_rules)
     stage = TokenizerStage(cfg, 1000, mesh)
