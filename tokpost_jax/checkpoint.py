@@ -336,6 +336,24 @@ def _manager(directory: epath.Path, **options: Any) -> ocp.CheckpointManager:
     )
 
 
+def _replicated_target(stored: Any) -> Any:
+    """The stored tree's shapes and dtypes, replicated over this job's devices.
+
+    Without a target Orbax reuses the shardings recorded at save time, which name the saving
+    job's devices: a 2-process checkpoint then cannot be read by 1 process ("topology
+    mismatch"). Readers of another run's parameters want whole arrays, so every leaf is placed
+    fully replicated on the devices this job has (one device in a 1-process job).
+    """
+    if jax.process_count() == 1:
+        sharding: jax.sharding.Sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), stored
+    )
+
+
 def _everywhere(ok: bool) -> bool:
     """True only if ``ok`` on every host, so all hosts take the same fallback path."""
     if jax.process_count() == 1:
@@ -349,7 +367,9 @@ def _read(
     """Restores and verifies one step; raises ``_TreeMismatch`` before reading any array if
     the stored tree does not fit ``abstract_state``, anything else if the step is unreadable."""
     items = manager.item_metadata(step)
-    if abstract_state is not None:
+    if abstract_state is None:
+        abstract_state = _replicated_target(items["state"])
+    else:
         differences = _tree_differences(items["state"], abstract_state)
         if differences:
             raise _TreeMismatch(differences)

@@ -21,13 +21,12 @@ COMMAND (fallback without libtpu: 8 fake host CPU devices):
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from absl import flags
 
-from tokpost_jax import cli
+from tokpost_jax import cli, files
 
 # The host only traces; the target's compiler is libtpu's compile-only client. Without this a
 # host with libtpu installed but no TPU probes for one (metadata queries) before falling back.
@@ -78,8 +77,7 @@ def main(fl: dict[str, Any]) -> None:
     print(aot.format_report(report))
     print("summary row (README):\n" + aot.SUMMARY_HEADER + "\n" + aot.summary_row(report))
     if fl["json_out"].value:
-        with open(fl["json_out"].value, "w") as f:
-            json.dump(report.as_dict(), f, indent=1)
+        files.write_json(fl["json_out"].value, report.as_dict())  # a local path or gs://
 
 
 if __name__ == "__main__":
