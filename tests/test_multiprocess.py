@@ -161,7 +161,8 @@ def test_process0_decides_stage_state_and_prepares_the_dataset_once(tmp_path):
 
 
 def _arrays(directory: str) -> dict[str, np.ndarray]:
-    """Every array of every shard under ``directory`` (file → array), and the manifests."""
+    """Every array of every shard under ``directory`` (file → array), and the manifests (which
+    name the run directory they came from, replaced by ``<workdir>``)."""
     out = {}
     for dirpath, _, names in os.walk(directory):
         for name in sorted(names):
@@ -171,7 +172,8 @@ def _arrays(directory: str) -> dict[str, np.ndarray]:
                     out.update({f"{os.path.relpath(path, directory)}:{k}": z[k] for k in z.files})
             elif name == "manifest.json":
                 with open(path) as f:
-                    out[os.path.relpath(path, directory)] = np.asarray(f.read())
+                    text = f.read().replace(os.path.dirname(directory), "<workdir>")
+                out[os.path.relpath(path, directory)] = np.asarray(text)
     return out
 
 

@@ -341,14 +341,12 @@ def _replicated_target(stored: Any) -> Any:
 
     Without a target Orbax reuses the shardings recorded at save time, which name the saving
     job's devices: a 2-process checkpoint then cannot be read by 1 process ("topology
-    mismatch"). Readers of another run's parameters want whole arrays, so every leaf is placed
-    fully replicated on the devices this job has (one device in a 1-process job).
+    mismatch"). Readers of another run's parameters want whole arrays that any jitted
+    computation over this job's mesh accepts, so every leaf is fully replicated over all of
+    this job's devices (what a data-parallel run holds anyway).
     """
-    if jax.process_count() == 1:
-        sharding: jax.sharding.Sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    else:
-        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), stored
     )
