@@ -82,6 +82,7 @@ def coda_micro_pipeline(tmp_path_factory):
 
 
 @pytest.mark.slow  # every stage at toy size: minutes of compilation on 2 CPU cores
+@pytest.mark.in_ci
 def test_pipeline_runs_and_keeps_the_token_space(coda_micro_pipeline, capsys):
     cfg, workdir, results = coda_micro_pipeline
     assert next(iter(results)) == "vae" and "gfid_after" in results

@@ -183,6 +183,7 @@ def _jsonl(path: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.in_ci
 def test_two_processes_killed_and_resumed_equal_one_process_bit_for_bit(tmp_path):
     """configs/tokenizer.py:micro_gan trained as 2 × 4 devices, both processes SIGKILLed after the
     step-10 checkpoint and restarted, against 1 × 8 devices: parameters, the in-training

@@ -98,6 +98,7 @@ def test_notebook_runs_top_to_bottom_without_fids(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.in_ci
 def test_notebook_runs_top_to_bottom(tmp_path):
     text, images = execute(tmp_path)
     assert images == 3, text  # reconstructions, the pFID grid, the generator samples
