@@ -113,7 +113,7 @@ TOKENIZER_FAULTS = [
     ("gan.optim.lr", -1.0, r"config\.gan\.optim\.lr=-1\.0"),
     ("loss.l2_weight", -1.0, r"config\.loss\.l2_weight=-1\.0: must be a number >= 0"),
     ("data.name", "mnist5kk", r"config\.data\.name='mnist5kk': must be a built-in name "
-     r"\(mnist5k, photos\), 'folder', 'shards' or a tfds"),
+     r"\(mnist5k, photos\), 'folder', 'shards', 'jsonl' or a tfds"),
     ("data.scan", "fulll", r"config\.data\.scan='fulll': must be one of \['none', 'full'\]"),
     ("data.image_size", 18, r"config\.data\.image_size=18: must be a multiple of "
      r"model\.patch_size=4"),

@@ -422,10 +422,12 @@ def data_rules() -> tuple[Any, ...]:
 
     def needs_dir(env: Env) -> bool:
         return env.get("name") in (_pipeline_constant("FOLDER_NAME")(),
-                                   _pipeline_constant("SHARDS_NAME")())
+                                   _pipeline_constant("SHARDS_NAME")(),
+                                   _pipeline_constant("JSONL_NAME")())
 
-    def not_shards(env: Env) -> bool:  # shards are final views: no crop fields
-        return env.get("name") != _pipeline_constant("SHARDS_NAME")()
+    def not_shards(env: Env) -> bool:  # shards and token files are final views: no crop fields
+        return env.get("name") not in (_pipeline_constant("SHARDS_NAME")(),
+                                       _pipeline_constant("JSONL_NAME")())
 
     return (
         Rule("name", _dataset_name_ok, _dataset_names_text),
@@ -433,7 +435,7 @@ def data_rules() -> tuple[Any, ...]:
         text("eval_split"),
         integer("image_size", lo=1),
         Rule("data_dir", lambda v, env: v is not None and v != "",
-             lambda env: f"must be set: {env.show('name')} reads from a directory",
+             lambda env: f"must be set: {env.show('name')} reads from a directory (jsonl: a file)",
              when=needs_dir, required=True),
         number("min_crop_frac", above=0, hi=1, when=not_shards),
         number("max_crop_frac", lo="min_crop_frac", hi=1, when=not_shards),

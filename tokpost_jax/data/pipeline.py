@@ -49,6 +49,7 @@ from tokpost_jax.data.builtin import (
     builtin_source,
     random_photo_patch,
 )
+from tokpost_jax.data.jsonl_tokens import JsonlTokenSource, jsonl_path
 from tokpost_jax.data.preprocess import (
     center_crop,
     maybe_flip,
@@ -72,6 +73,7 @@ from tokpost_jax.data.sources import (
 __all__ = [
     "DATASET_KINDS_TEXT",
     "FOLDER_NAME",
+    "JSONL_NAME",
     "ON_BAD_IMAGE",
     "SCAN_MODES",
     "SHARDS_NAME",
@@ -91,14 +93,17 @@ __all__ = [
 
 SHARDS_NAME = "shards"
 FOLDER_NAME = "folder"
+JSONL_NAME = "jsonl"  # RAR / RobusTok pretokenized .jsonl (data/jsonl_tokens.py)
 SCAN_MODES = ("none", "full")  # config.data.scan
 ON_BAD_IMAGE = ("error", "skip")  # config.data.on_bad_image
 DATASET_KINDS_TEXT = (
-    f"a built-in name ({', '.join(BUILTIN_NAMES)}), {FOLDER_NAME!r}, {SHARDS_NAME!r} or a tfds "
-    "dataset name (registered, or prepared in config.data.data_dir)"
+    f"a built-in name ({', '.join(BUILTIN_NAMES)}), {FOLDER_NAME!r}, {SHARDS_NAME!r}, "
+    f"{JSONL_NAME!r} or a tfds dataset name (registered, or prepared in config.data.data_dir)"
 )
 #: Sources whose records are decoded from stored images (what scan / on_bad_image act on).
 _DECODED_SOURCES = (FolderSource, TfdsSource)
+#: Sources of final views (stored arrays): no augmentation, image fields only converted.
+_FINAL_SOURCES = (ShardSource, JsonlTokenSource)
 #: Bad records found by data.scan='full', per (source, indices): eval scans once per process.
 _SCANS: dict[tuple[str, int, int, int], tuple[BadRecordError, ...]] = {}
 _DEFAULT_IMAGE_FIELDS = ("image",)
@@ -111,7 +116,7 @@ _AUGMENT_STREAM = 1
 
 
 def dataset_kind(name: str, data_dir: str | None = None) -> str:
-    """How :func:`make_source` opens `name`: 'builtin', 'shards', 'folder' or 'tfds'.
+    """How :func:`make_source` opens `name`: 'builtin', 'shards', 'folder', 'jsonl' or 'tfds'.
 
     Raises the DataError make_source would raise for a name it cannot open; reads no records
     (tfds: the builder registry, or the prepared files' metadata in `data_dir`). Why: config
@@ -119,10 +124,10 @@ def dataset_kind(name: str, data_dir: str | None = None) -> str:
     """
     if name in BUILTIN_NAMES:
         return "builtin"
-    if name in (SHARDS_NAME, FOLDER_NAME):
+    if name in (SHARDS_NAME, FOLDER_NAME, JSONL_NAME):
         return name
     tfds_name_known(name, data_dir=data_dir, builtin_names=(*BUILTIN_NAMES, FOLDER_NAME,
-                                                            SHARDS_NAME))
+                                                            SHARDS_NAME, JSONL_NAME))
     return "tfds"
 
 
@@ -141,6 +146,13 @@ def make_source(data_cfg: Any, split: str):
                 "for name='shards' (the --out of python -m tokpost_jax.cli.pretokenize)"
             )
         return ShardSource(files.join(data_cfg.data_dir, split))
+    if name == JSONL_NAME:
+        if data_cfg.data_dir is None:
+            raise DataError(
+                "config.data.data_dir must name the pretokenized .jsonl file (or a directory "
+                "holding <split>.jsonl) for name='jsonl'"
+            )
+        return JsonlTokenSource(jsonl_path(data_cfg.data_dir, split))
     if name == FOLDER_NAME:
         classes = folder_class_names(data_cfg.data_dir, data_cfg.train_split)
         return FolderSource(data_cfg.data_dir, split, classes)
@@ -149,7 +161,7 @@ def make_source(data_cfg: Any, split: str):
         split,
         data_dir=data_cfg.data_dir,
         manual_dir=data_cfg.manual_dir,
-        builtin_names=(*BUILTIN_NAMES, FOLDER_NAME, SHARDS_NAME),
+        builtin_names=(*BUILTIN_NAMES, FOLDER_NAME, SHARDS_NAME, JSONL_NAME),
     )
 
 
@@ -272,7 +284,9 @@ class AddMask(grain.transforms.Map):
         return {**element, "mask": np.bool_(True)}
 
 
-def _shard_image_fields(data_cfg: Any, source: ShardSource) -> tuple[str, ...]:
+def _shard_image_fields(
+    data_cfg: Any, source: ShardSource | JsonlTokenSource
+) -> tuple[str, ...]:
     """The fields of `source` named in ``config.data.image_fields``, checked to be [S, S, 3] uint8.
 
     Names absent from the shards are skipped, so the default ('image',) also suits token shards.
@@ -299,7 +313,7 @@ def _shard_image_fields(data_cfg: Any, source: ShardSource) -> tuple[str, ...]:
 
 
 def _shard_eval_spec(
-    source: ShardSource, image_fields: Sequence[str]
+    source: ShardSource | JsonlTokenSource, image_fields: Sequence[str]
 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-record (shape, dtype) of every field of an eval batch after float conversion."""
     spec = {
@@ -508,7 +522,7 @@ def make_train_iterator(
     def host_batches(records: grain.MapDataset) -> grain.MapDataset:
         return records.batch(host_batch_size, drop_remainder=True)[process_index::process_count]
 
-    if isinstance(source, ShardSource):  # final views already: no augmentation
+    if isinstance(source, _FINAL_SOURCES):  # final views already: no augmentation
         fields = _shard_image_fields(data_cfg, source)
         ds = host_batches(ds).map(FloatFields(fields))
         return TrainIterator(ds, data_cfg, stream)
@@ -564,7 +578,7 @@ def eval_batches(
     )[:total]
     num_batches = math.ceil(total / (host_batch_size * process_count))
     share = ds
-    if isinstance(source, ShardSource):
+    if isinstance(source, _FINAL_SOURCES):
         fields = _shard_image_fields(data_cfg, source)
         spec = _shard_eval_spec(source, fields)
         records, to_float_map = share.map(AddMask()), FloatFields(fields)
