@@ -8,11 +8,10 @@ Variants:
   micro     every stage at toy size; used by the tests.
   imagenet  the paper: RobusTok on ImageNet-1k 256², RAR-B, σ = 0.7, N = 200k, 40 epochs.
   coda_demo the whole RobusTok method on a CODA tokenizer (neither paper does this), MNIST, CPU:
-            the demo KL-VAE (400 steps) → CODA (500 steps) with latent perturbation over the
-            token pyramid → rFID/pFID → pretokenize (78 tokens, coarse → fine) → the tiny RAR
-            (400 steps) over that flat sequence → gFID → σ = 0.7 pairs → decoder-LoRA
-            post-training → gFID. The generator is RAR, our choice: CODA's own generation code
-            is unreleased.
+            the demo KL-VAE → CODA with latent perturbation over the token pyramid → rFID/pFID
+            → pretokenize (78 tokens, coarse → fine) → the tiny RAR over that flat sequence →
+            gFID → σ = 0.7 pairs → decoder-LoRA post-training → gFID. The generator is RAR, our
+            choice: CODA's own generation code is unreleased.
   coda_micro  the same at toy size; used by the tests.
   coda_imagenet
             the same method at paper scale, from a released MAR kl16 VAE file (no VAE stage):
@@ -102,20 +101,12 @@ def coda_pipeline(arg: str) -> ml_collections.ConfigDict:
         c.tokenizer.fid_eval.update(num_images=16, batch_size=16)
         c.tokenizer.pfid.update(alphas=(0.9, 0.5), deltas_at_16384=(512, 1024))
         c.generator.gfid.update(num_samples=32, num_reference=32, batch_size=16)
-    else:  # sized for ~25 min on 2 CPU cores (measured in the README); counts trade time for noise
-        # Shorter than the stage demos (klvae.py:demo 600 steps, coda.py:demo 1,000, rar.py's
-        # 800 in the ViT pipeline): 78 pyramid tokens make RAR ~6× dearer per step than the ViT
-        # demo's 16, and at the stage demos' lengths the pipeline took ~51 min.
-        c.vae.update(total_steps=400, eval_every_steps=400)
-        c.tokenizer.total_steps = 500
-        c.tokenizer.perturbation.update(anneal_start=100, anneal_end=350)
-        c.tokenizer.optim.ema_start = 50
-        c.tokenizer.eval_every_steps = 500
+    else:  # sized for ~25 min on 2 CPU cores; ~51 min projected from measured stages (README)
         c.tokenizer.fid_eval.update(num_images=32, batch_size=32)
         c.tokenizer.data.num_eval_examples = 200
-        c.generator.total_steps = 400
-        c.generator.randomness.update(anneal_start=100, anneal_end=300)
-        c.generator.eval_every_steps = 400
+        c.generator.total_steps = 800
+        c.generator.randomness.update(anneal_start=200, anneal_end=600)
+        c.generator.eval_every_steps = 800
         c.generator.gfid.update(num_samples=250, num_reference=250, batch_size=50)
         c.post_train.eval_at_start = False
     c.uniform_token_baseline = True

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "tokpost-compare": "tokpost_jax.cli.compare",
     "tokpost-coda-ablation": "tokpost_jax.cli.coda_ablation",
     "tokpost-aot-compile": "tokpost_jax.cli.aot_compile",
+    "tokpost-score": "tokpost_jax.cli.score",
 }
 
 
@@ -74,3 +75,7 @@ def coda_ablation() -> None:
 
 def aot_compile() -> None:
     run_module(COMMANDS["tokpost-aot-compile"])
+
+
+def score() -> None:
+    run_module(COMMANDS["tokpost-score"])
