@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -25,8 +26,10 @@ from tokpost_jax.metrics import features as features_lib
 from tokpost_jax.metrics import fid
 from tokpost_jax.metrics import reference as ref_lib
 from tokpost_jax.metrics import tokenizer as tok_metrics
+from tokpost_jax.metrics.features import gather, quantize_uint8
 from tokpost_jax.metrics.reconstruction import ssim_per_image
 from tokpost_jax.models import build
+from tokpost_jax.models.perturbation import Perturbation
 from tokpost_jax.train.loop import train
 from tokpost_jax.train.tokenizer import TokenizerStage
 
@@ -224,29 +227,58 @@ def trained_tiny(tmp_path_factory):
     return cfg, load_params(f"{workdir}/checkpoints", key="ema_params")
 
 
-def test_pfid_exceeds_rfid_and_grows_with_alpha(trained_tiny, mesh_rules, extractor):
+def test_pfid_grid_points_are_the_fids_of_seeded_perturbed_decodes(
+    trained_tiny, mesh_rules, extractor
+):
+    """Each grid FID is the FID of the decodes perturbed with that point's documented draw
+    (``fold_in(fold_in(PRNGKey(seed), point), batch)``) against the inputs, and α = 0 is rFID.
+
+    Whether pFID exceeds rFID is not asserted here: on 64 MNIST digits from a 300-step model the
+    grid points sit within ~2 of rFID (~380), below the 64-sample FID's own spread, and their
+    order flips with the platform's float rounding. The demo pipeline's measured pFID > rFID (the
+    README) is the evidence for the ordering.
+    """
     cfg, params = trained_tiny
     mesh, rules = mesh_rules
     model = build.tokenizer(cfg)
-    deltas = tok_metrics.scaled_deltas((280,), 512)  # the paper's middle δ at K = 512: 9
-    grid = tok_metrics.PerturbationGrid(alphas=(0.9, 0.5), deltas=deltas)
+    (delta,) = tok_metrics.scaled_deltas((280,), 512)  # the paper's middle δ at K = 512: 9
+    grid = tok_metrics.PerturbationGrid(alphas=(0.9, 0.0), deltas=(delta,))
     evaluator = tok_metrics.TokenizerEvaluator(model, extractor=extractor, grid=grid, seed=0)
     data_cfg = ref_lib.split_config(cfg.data, "val", 64)
+
+    def decode(p, images, rng):
+        perturbation = Perturbation(
+            rng=rng, alpha=0.9, delta=jnp.int32(delta), beta=1.0, delta_max=delta
+        )
+        return model.apply({"params": p}, images, perturbation, method="perturbed_reconstruct")
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        batches = ref_lib.global_eval_batches(data_cfg, 16, mesh, rules)
+        batches = list(ref_lib.global_eval_batches(data_cfg, 16, mesh, rules))
         result = evaluator.run({"ema": params}, batches)["ema"]
-        scalars, grid_fids = result.scalars, result.grid_fids
-    rfid = scalars["rfid"]
-    hi, lo = grid_fids["fid_a0.9_d9"], grid_fids["fid_a0.5_d9"]
-    assert rfid < lo < hi, (rfid, lo, hi)
-    assert scalars["pfid"] == pytest.approx((hi + lo) / 2)
+        point = jax.random.fold_in(jax.random.PRNGKey(0), 0)  # (0.9, δ) is the grid's point 0
+        decoded = [
+            np.asarray(gather(jax.jit(decode)(params, b["image"], jax.random.fold_in(point, i))))
+            for i, b in enumerate(batches)
+        ]
+        clean = [
+            np.asarray(gather(model.apply({"params": params}, b["image"], method="reconstruct")[0]))
+            for b in batches
+        ]
+        inputs = np.concatenate([np.asarray(gather(b["image"])) for b in batches])
+    scalars, grid_fids = result.scalars, result.grid_fids
+    assert set(grid_fids) == {f"fid_a0.9_d{delta}", f"fid_a0_d{delta}"}
+    as_uint8 = lambda x: np.asarray(quantize_uint8(jnp.asarray(np.concatenate(x))))
+    expected = fid.stats_frechet_distance(
+        extractor.from_arrays(as_uint8(decoded), False).pool,
+        extractor.from_arrays(as_uint8([inputs]), False).pool,
+        "eigh",
+    )
+    assert grid_fids[f"fid_a0.9_d{delta}"] == pytest.approx(expected, rel=1e-4)
+    assert grid_fids[f"fid_a0_d{delta}"] == pytest.approx(scalars["rfid"], rel=1e-4)
+    # The draw changed the decodes (a perturbation that did nothing would also pass the above).
+    assert np.abs(np.concatenate(decoded) - np.concatenate(clean)).max() > 1e-3
+    assert scalars["pfid"] == pytest.approx(np.mean(list(grid_fids.values())))
     assert scalars["num_images"] == 64 and 0 < scalars["codebook_usage"] <= 1
     assert 0 < scalars["ssim"] <= 1 and scalars["psnr"] > 10
-    # Fixed seeds: a second run gives the same numbers.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        again = evaluator.run(
-            {"ema": params}, ref_lib.global_eval_batches(data_cfg, 16, mesh, rules)
-        )["ema"].scalars
-    assert again["pfid"] == scalars["pfid"]
     image = tok_metrics.pfid_plot(grid_fids, grid)
     assert image.ndim == 3 and image.shape[-1] == 3 and image.dtype == np.uint8

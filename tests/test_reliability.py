@@ -308,11 +308,12 @@ def test_eval_history_reader_drops_duplicates_of_older_files(tmp_path):
 
 def _fill(path: str) -> None:
     """Writes zeros to ``path`` until the filesystem is full (what another job's output does)."""
-    with open(path, "wb") as f:
+    # Unbuffered: a buffered file would hold the bytes that did not fit and raise ENOSPC again
+    # when closed, from the stage, which is not what this simulates.
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError as e:
             assert e.errno == 28, e
 
