@@ -260,8 +260,11 @@ def test_width_mismatch_names_the_first_parameter_and_both_shapes(coda, released
 def test_unsupported_weights_are_one_line(coda, vit, released, images, tmp_path, capsys):
     good = save_images(tmp_path / "in.npz", images)
     out = str(tmp_path / "o.npz")
+    # A ViT VQ config reads a weights file as a RobusTok release (tests/test_robustok_convert.py).
     line = exit_line(capsys, flag_values(vit.cfg, weights=released, images=good, out=out))
-    assert "not supported yet" in line and "checkpoints/" in line
+    assert "coda_micro.safetensors: not an official RobusTok VQModel state dict" in line
+    line = exit_line(capsys, flag_values(vit.cfg, weights=str(tmp_path), images=good, out=out))
+    assert "checkpoints/" in line and "RobusTok tokenizer file (.pt, .pth" in line
     line = exit_line(capsys, flag_values(coda.cfg, weights=str(tmp_path), images=good, out=out))
     assert "vae_ema.pth + quantizer_ema.pth" in line
     # configs/coda.py measures its latent scale (0), which a release does not store.

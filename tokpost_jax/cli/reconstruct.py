@@ -1,5 +1,5 @@
-r"""Tokens and reconstructions of an image file, for any tokenizer of this project (ViT VQ, CODA)
-and any released CODA checkpoint.
+r"""Tokens and reconstructions of an image file, for any tokenizer of this project (ViT VQ, CODA),
+any released CODA checkpoint and RobusTok's released ViT VQ tokenizer files.
 
 COMMAND (a tokpost run; the EMA weights of its latest readable checkpoint):
   python -m tokpost_jax.cli.reconstruct --config=configs/coda.py:demo --weights=runs/coda_demo \
@@ -10,12 +10,19 @@ quantizer_ema.pth, or one file holding both):
   python -m tokpost_jax.cli.reconstruct --config=configs/coda_imagenet.py:mar \
       --weights=/weights/CODA/mar_v16384 --images=in.npz --out=out.npz
 
+COMMAND (RobusTok's released tokenizer, HF qiuk6/RobusTok main-train.pt or post-train.pt: the
+official XQGAN-SC VQModel; its "ema" copy unless --params=params; float32 for parity with torch):
+  python -m tokpost_jax.cli.reconstruct --config=configs/robustok_imagenet.py \
+      --config.dtype=float32 --weights=/weights/RobusTok/post-train.pt --images=in.npz --out=out.npz
+
 ``in.npz`` holds ``arr_0``: uint8 [N, S, S, 3] at the config's ``data.image_size`` S. ``out.npz``
 gets ``indices`` (int32 [N, L], the layout's flat coarse → fine order), ``reconstructions`` (uint8
 [N, S, S, 3], quantized as saved samples are) and ``layout`` (the scale sides). Reconstructions
 are ``decode(encode(x))``, so they are exactly what the tokens decode to. Architecture sizes come
 from the config: ``--config.model.*`` overrides describe a smaller release; a release's latent
-scale and shift are not in its files and come from ``model.latent_scale`` / ``latent_shift``.
+scale and shift are not in its files and come from ``model.latent_scale`` / ``latent_shift``. A
+RobusTok file (``.pt/.pth/.bin/.safetensors``, for ``model.kind='vit_vq'``) is read by
+``convert.robustok_vit`` at the config's sizes.
 """
 
 from __future__ import annotations
@@ -51,13 +58,16 @@ def define_flags() -> dict[str, Any]:
         ),
         "weights": flags.DEFINE_string(
             "weights", None,
-            "A tokpost run directory (with checkpoints/) or, for model.kind='coda', a released "
-            "CODA folder or file.",
+            "A tokpost run directory (with checkpoints/); for model.kind='coda', a released "
+            "CODA folder or file; for model.kind='vit_vq', a released RobusTok tokenizer file "
+            "(.pt/.pth/.bin/.safetensors).",
         ),
         "images": flags.DEFINE_string("images", None, "Input .npz: arr_0 uint8 [N, S, S, 3]."),
         "out": flags.DEFINE_string("out", None, "Output .npz (indices, reconstructions, layout)."),
         "params": flags.DEFINE_enum(
-            "params", "ema_params", ["ema_params", "params"], "Which weights of a tokpost run."
+            "params", "ema_params", ["ema_params", "params"],
+            "Which weights of a tokpost run; of a RobusTok training checkpoint, its 'ema' copy "
+            "(when it has one) or its 'model' copy.",
         ),
         "step": flags.DEFINE_integer("step", None, "Checkpoint step of a run (default: latest)."),
         "batch_size": flags.DEFINE_integer(
@@ -192,9 +202,36 @@ def _released_coda(config: Any, path: str) -> dict[str, Any]:
     }
 
 
+#: Released RobusTok ViT VQ tokenizer files (convert/robustok_vit.py).
+ROBUSTOK_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _released_robustok(config: Any, path: str, params_key: str) -> dict[str, Any]:
+    """A released RobusTok ViT VQ file at the config's sizes (``convert.robustok_vit``)."""
+    from tokpost_jax.convert import robustok_vit as rv
+    from tokpost_jax.convert.timm_vit import ViTImportError
+    from tokpost_jax.convert.torchscript import TorchCheckpointError
+    from tokpost_jax.models import build
+
+    which = "model" if params_key == "params" else "auto"
+    try:
+        result = rv.load_robustok(path, build.tokenizer(config), which=which)
+    except rv.RobusTokImportError as e:
+        where = first_mismatch(e.expected, e.got) if e.expected else None
+        if where is not None:
+            raise _mismatch_error(path, where) from e
+        raise WeightsError(f"--weights={e}") from e
+    except (ViTImportError, TorchCheckpointError) as e:
+        raise WeightsError(f"--weights={path}: not a RobusTok tokenizer file ({e})") from e
+    logging.info("Released RobusTok tokenizer from %s (copy %s; skipped %d teacher / statistics "
+                 "entries).", path, result.picked or "-", len(result.skipped))
+    return result.params
+
+
 def load_weights(config: Any, path: str, params_key: str = "ema_params",
                  step: int | None = None) -> Any:
-    """Host parameters for ``config``'s tokenizer from a run directory or a CODA release."""
+    """Host parameters for ``config``'s tokenizer from a run directory or a CODA / RobusTok
+    release."""
     from tokpost_jax import checkpoint as ckpt_lib
     from tokpost_jax.convert import klvae as kc
 
@@ -212,13 +249,17 @@ def load_weights(config: Any, path: str, params_key: str = "ema_params",
             logging.warning("--params / --step apply to tokpost runs; a released CODA folder "
                             "gives its EMA pair when it has one.")
         return _released_coda(config, path)
+    if kind == "vit_vq" and files.isfile(path) and path.lower().endswith(ROBUSTOK_SUFFIXES):
+        if step is not None:
+            logging.warning("--step applies to tokpost runs, not to a RobusTok file.")
+        return _released_robustok(config, path, params_key)
     accepted = "a tokpost run directory (with checkpoints/)"
     if kind == "coda":
         accepted += (" or a released CODA checkpoint (a folder with "
                      + " or ".join(" + ".join(p) for p in kc.CODA_FILES) + ", or one file)")
-    else:
-        accepted += ("; a model.kind='vit_vq' tokenizer from a weights file is not supported "
-                     "yet (importers come in a later issue)")
+    elif kind == "vit_vq":
+        accepted += (" or a released RobusTok tokenizer file (" + ", ".join(ROBUSTOK_SUFFIXES)
+                     + ")")
     raise WeightsError(f"--weights={path}: not a kind this command reads; it takes {accepted}")
 
 

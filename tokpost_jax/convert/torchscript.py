@@ -15,7 +15,8 @@ Supported layouts:
 
 Security: unpickling runs code named by the file. Only an allow-list of globals is resolved (tensor
 rebuild helpers, storage dtypes, ``OrderedDict``, TorchScript list builders); ``__torch__.*``
-classes become inert attribute holders; anything else raises :class:`UnsafePickleError` before it
+classes (and ``argparse.Namespace``, which training scripts save as ``args``) become inert
+attribute holders; anything else raises :class:`UnsafePickleError` before it
 can be called. Object graphs deeper than :data:`MAX_DEPTH` (or cyclic) are refused too, so a
 hostile file cannot exhaust the Python stack. Every failure is a :class:`TorchCheckpointError`
 (one line, naming the file) that command-line tools report without a traceback.
@@ -177,6 +178,12 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+#: Plain-data classes that training checkpoints pickle beside their tensors (``torch.save({...,
+#: "args": argparse.Namespace})``, e.g. RobusTok's ``main-train.pt``). They become inert attribute
+#: holders like ``__torch__`` objects: their fields are read, none of their code runs.
+_INERT_CLASSES = frozenset({("argparse", "Namespace")})
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only allow-listed globals and records storage references lazily."""
 
@@ -191,7 +198,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
-        if module == "__torch__" or module.startswith("__torch__."):
+        if (module, name) in _INERT_CLASSES or module == "__torch__" or module.startswith(
+            "__torch__."
+        ):
             qual = f"{module}.{name}"
             if qual not in self._stub_classes:
                 self._stub_classes[qual] = type(name, (TorchObject,), {"__torch_class__": qual})
