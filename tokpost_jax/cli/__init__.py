@@ -57,6 +57,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tokpost_jax.config_checks import ConfigError
     from tokpost_jax.convert.inception_weights import InceptionWeightsError
     from tokpost_jax.convert.klvae import VAEImportError
+    from tokpost_jax.convert.rar import RARImportError
+    from tokpost_jax.convert.robustok_vit import RobusTokImportError
     from tokpost_jax.convert.timm_vit import ViTImportError
     from tokpost_jax.convert.torchscript import TorchCheckpointError
     from tokpost_jax.data import DataError
@@ -69,7 +71,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (DataError, CheckpointError, NonFiniteLossError, FileNotFoundError,
             InceptionWeightsError, ReferenceError, ConfigError, DiskFullError,
             WorkdirLockedError, TorchCheckpointError, StatisticsError, VAEImportError,
-            ViTImportError)
+            ViTImportError, RARImportError, RobusTokImportError)
 
 
 def exit_with(e: BaseException) -> None:
