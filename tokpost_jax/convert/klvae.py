@@ -35,12 +35,11 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-import flax.linen as nn
-import jax
 import numpy as np
 from absl import logging
 
 from tokpost_jax import files
+from tokpost_jax.convert.keymap import flat_params, nest_params, problem_list
 from tokpost_jax.convert.timm_vit import read_state_dict
 from tokpost_jax.models.klvae import IMAGE_CHANNELS
 from tokpost_jax.models.lora import lora_rank_for
@@ -392,39 +391,6 @@ def _to_flax(value: np.ndarray) -> np.ndarray:
     return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
 
 
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
-    return {tuple(_key_str(k) for k in path): (v.unbox() if is_box(v) else v)
-            for path, v in leaves}
-
-
-def _list(title: str, items: Iterable[str], show: int = 12) -> str:
-    """``title (n): a, b, … and k more``: every problem counted, the first ``show`` named."""
-    items = list(items)
-    if not items:
-        return ""
-    more = f" and {len(items) - show} more" if len(items) > show else ""
-    return f"{title} ({len(items)}): {', '.join(items[:show])}{more}"
-
-
 def ldm_to_flax(
     sd: Mapping[str, Any], cfg: Any, *, dtype: Any = np.float32, source: str = "state dict"
 ) -> tuple[dict[str, Any], VAEImportReport]:
@@ -462,8 +428,8 @@ def ldm_to_flax(
             ranks = {np.shape(v)[0] for k, v in sd.items() if k.endswith("lora_layer.down.weight")}
             hint = (f"; the file has LoRA adapters (rank {sorted(ranks)}): set lora_rank and "
                     "lora_patterns in the VAE config")
-        parts = [_list("missing", missing), _list("unexpected", unexpected),
-                 _list("misshaped", misshaped)]
+        parts = [problem_list("missing", missing), problem_list("unexpected", unexpected),
+                 problem_list("misshaped", misshaped)]
         raise VAEImportError(f"{source} does not fit the KL-VAE config: "
                              + "; ".join(p for p in parts if p) + hint)
     flat = {}
@@ -472,13 +438,13 @@ def ldm_to_flax(
         if dtype is not None and np.issubdtype(value.dtype, np.floating):
             value = value.astype(dtype)
         flat[flax_path(k)] = np.ascontiguousarray(_to_flax(value))
-    return _nest(flat), VAEImportReport("ldm", skipped, tuple(fresh))
+    return nest_params(flat), VAEImportReport("ldm", skipped, tuple(fresh))
 
 
 def flax_to_ldm(params: Any) -> dict[str, np.ndarray]:
     """A KLVAE params tree (plain or boxed, numpy or jax) → an LDM state dict (OIHW), exactly."""
     out: dict[str, np.ndarray] = {}
-    for path, value in _flat(params).items():
+    for path, value in flat_params(params).items():
         arr = np.asarray(value)
         out[torch_key(path)] = np.ascontiguousarray(arr.transpose(3, 2, 0, 1) if arr.ndim == 4
                                                      else arr)
@@ -571,7 +537,7 @@ def coda_quantizer_to_flax(
 def flax_to_coda_quantizer(params: Any) -> dict[str, np.ndarray]:
     """The inverse of :func:`coda_quantizer_to_flax` (official ``CODAQuantizer`` names)."""
     out: dict[str, np.ndarray] = {}
-    for path, value in _flat(params).items():
+    for path, value in flat_params(params).items():
         arr = np.asarray(value)
         if path == ("codebook",):
             out["codebooks.weight"] = arr
@@ -605,13 +571,13 @@ def _is_checkpoint_dir(path: str) -> bool:
 def _fill_lora(params: dict[str, Any], fresh: Iterable[str], init_params: Any, source: str
                ) -> dict[str, Any]:
     init = _vae_subtree(init_params, "init_params")
-    flat_init = {"/".join(k): v for k, v in _flat(init).items()}
-    flat = _flat(params)
+    flat_init = {"/".join(k): v for k, v in flat_params(init).items()}
+    flat = flat_params(params)
     for path in fresh:
         if path not in flat_init:
             raise VAEImportError(f"{source}: init_params has no {path} to start the LoRA from")
         flat[tuple(path.split("/"))] = np.asarray(flat_init[path])
-    return _nest(flat)
+    return nest_params(flat)
 
 
 def load_vae(
@@ -662,7 +628,7 @@ def load_vae(
                 "from their init, or set lora_rank=0")
         params = _fill_lora(params, report.fresh_lora, init_params, path)
     logging.info("Loaded KL-VAE from %s (%s layout, %d tensors, fresh LoRA leaves: %d).", path,
-                 layout, len(_flat(params)), len(report.fresh_lora))
+                 layout, len(flat_params(params)), len(report.fresh_lora))
     return params, report._replace(layout=layout)
 
 

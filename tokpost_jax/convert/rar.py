@@ -33,16 +33,16 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from tokpost_jax import files
+from tokpost_jax.convert.keymap import flat_params, nest_params, problem_list
 from tokpost_jax.convert.timm_vit import read_state_dict
 from tokpost_jax.models.generator import RAR
 
@@ -154,39 +154,6 @@ def _to_torch(kind: str, is_kernel: bool, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
-    return {tuple(_key_str(k) for k in path): (v.unbox() if is_box(v) else v)
-            for path, v in leaves}
-
-
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _list(title: str, items: Iterable[str], show: int = 12) -> str:
-    """``title (n): a, b, … and k more``: every problem counted, the first ``show`` named."""
-    items = list(items)
-    if not items:
-        return ""
-    more = f" and {len(items) - show} more" if len(items) > show else ""
-    return f"{title} ({len(items)}): {', '.join(items[:show])}{more}"
-
-
 def _abstract_params(model: RAR) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flax path → shape of every parameter of ``model`` (traced, nothing computed)."""
     n = model.num_tokens
@@ -197,7 +164,7 @@ def _abstract_params(model: RAR) -> dict[tuple[str, ...], tuple[int, ...]]:
                           jnp.zeros((1, n), jnp.int32))
 
     return {path: tuple(leaf.shape) for path, leaf in
-            _flat(jax.eval_shape(init)["params"]).items()}
+            flat_params(jax.eval_shape(init)["params"]).items()}
 
 
 def official_shapes(model: RAR) -> dict[str, tuple[int, ...]]:
@@ -269,8 +236,8 @@ def official_to_flax(
     misshaped = [f"{k} {list(np.shape(sd[k]))} (want {list(s)})"
                  for k, s in expected.items() if k in sd and tuple(np.shape(sd[k])) != s]
     if missing or unexpected or misshaped:
-        parts = [_list("missing", missing), _list("unexpected", unexpected),
-                 _list("misshaped", misshaped)]
+        parts = [problem_list("missing", missing), problem_list("unexpected", unexpected),
+                 problem_list("misshaped", misshaped)]
         have, want = file_sizes(sd), _model_sizes(model)
         differ = {k: v for k, v in have.items() if want.get(k) != v}
         hint = ""
@@ -287,13 +254,13 @@ def official_to_flax(
         if dtype is not None and np.issubdtype(value.dtype, np.floating):
             value = value.astype(dtype)
         flat[flax_path(key)] = np.ascontiguousarray(_to_flax(*_kind(key), value))
-    return _nest(flat)
+    return nest_params(flat)
 
 
 def flax_to_official(params: Any) -> dict[str, np.ndarray]:
     """A RAR params tree (plain or boxed, numpy or jax) → the official state dict, exactly."""
     out: dict[str, np.ndarray] = {}
-    for path, value in _flat(params).items():
+    for path, value in flat_params(params).items():
         key = torch_key(path)
         out[key] = np.ascontiguousarray(_to_torch(*_kind(key), np.asarray(value)))
     return out
@@ -306,5 +273,5 @@ def load_rar(path: str | os.PathLike, model: RAR, *, dtype: Any = np.float32) ->
     if not files.isfile(path):
         raise FileNotFoundError(f"RAR checkpoint not found: {path}")
     params = official_to_flax(read_state_dict(path), model, dtype=dtype, source=path)
-    logging.info("Loaded the official RAR from %s (%d tensors).", path, len(_flat(params)))
+    logging.info("Loaded the official RAR from %s (%d tensors).", path, len(flat_params(params)))
     return params

@@ -44,14 +44,13 @@ downstream loader does when ``model.ema`` is set (robustok.md §6), or ``model``
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import flax.linen as nn
-import jax
 import numpy as np
 from absl import logging
 
+from tokpost_jax.convert.keymap import flat_params, nest_params, problem_list
 from tokpost_jax.convert.timm_vit import read_state_dict
 from tokpost_jax.convert.torchscript import read_torch_checkpoint
 from tokpost_jax.models.tokenizer import Tokenizer
@@ -250,15 +249,6 @@ def _describe(tok: Tokenizer) -> str:
             f"decoder {vit(tok.decoder)}")
 
 
-def _list(title: str, items: Iterable[str], show: int = 12) -> str:
-    """``title (n): a, b, … and k more``: every problem counted, the first ``show`` named."""
-    items = list(items)
-    if not items:
-        return ""
-    more = f" and {len(items) - show} more" if len(items) > show else ""
-    return f"{title} ({len(items)}): {', '.join(items[:show])}{more}"
-
-
 def _hints(missing: list[str], unexpected: list[str]) -> str:
     hints = []
     if any(k.endswith("latent_pos_embed") for k in unexpected):
@@ -290,30 +280,6 @@ def _unwrap(sd: Mapping[str, Any]) -> dict[str, Any]:
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 changed = True
     return sd
-
-
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
-    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]
-    return {tuple(_key_str(k) for k in path): (v.unbox() if is_box(v) else v)
-            for path, v in leaves}
 
 
 def official_to_flax(
@@ -354,8 +320,8 @@ def official_to_flax(
                           f"model has {int(want.sum())} (level 0 for the cls + "
                           f"{_num_patches(tok)} image positions)")
     if missing or unexpected or misshaped or levels:
-        parts = [_list("missing", missing), _list("unexpected", unexpected),
-                 _list("misshaped", misshaped), _list("level layout", levels)]
+        parts = [problem_list("missing", missing), problem_list("unexpected", unexpected),
+                 problem_list("misshaped", misshaped), problem_list("level layout", levels)]
         got_shapes = {k: tuple(np.shape(v)) for k, v in sd.items() if k not in skipped
                       and k not in LEVEL_BUFFERS}
         raise RobusTokImportError(
@@ -368,7 +334,7 @@ def official_to_flax(
         if dtype is not None and value.dtype != np.dtype(dtype):
             value = value.astype(dtype)
         flat[e.path] = np.ascontiguousarray(_to_flax(e, value))
-    return RobusTokImport(_nest(flat), "", tuple(skipped))
+    return RobusTokImport(nest_params(flat), "", tuple(skipped))
 
 
 def flax_to_official(params: Any, tok: Tokenizer, *, buffers: bool = True
@@ -382,7 +348,7 @@ def flax_to_official(params: Any, tok: Tokenizer, *, buffers: bool = True
     """
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
-    flat = _flat(params)
+    flat = flat_params(params)
     out: dict[str, np.ndarray] = {}
     problems: list[str] = []
     for e in _entries(tok):
@@ -395,7 +361,7 @@ def flax_to_official(params: Any, tok: Tokenizer, *, buffers: bool = True
             continue
         out[e.key] = np.ascontiguousarray(_to_torch(e, value))
     if flat:
-        problems.append(_list("params with no official name", ["/".join(p) for p in flat]))
+        problems.append(problem_list("params with no official name", ["/".join(p) for p in flat]))
     if problems:
         raise RobusTokImportError(f"params do not fit the tokenizer ({_describe(tok)}): "
                                   + "; ".join(problems))

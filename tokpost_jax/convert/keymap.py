@@ -1,0 +1,29 @@
+"""What every importer shares: Flax parameter trees as flat path → array maps, and the one-line
+list of bad keys that an import error names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+from flax import traverse_util
+
+
+def flat_params(tree: Any) -> dict[tuple[str, ...], Any]:
+    """``{(module, ..., leaf): array}`` of a (possibly boxed, possibly abstract) parameter tree."""
+    return traverse_util.flatten_dict(nn.meta.unbox(tree))
+
+
+def nest_params(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    """The nested parameter dict of :func:`flat_params`' form."""
+    return traverse_util.unflatten_dict(dict(flat))
+
+
+def problem_list(title: str, items: Iterable[str], show: int = 12) -> str:
+    """``title (n): a, b, … and k more``: every problem counted, the first ``show`` named."""
+    items = list(items)
+    if not items:
+        return ""
+    more = f" and {len(items) - show} more" if len(items) > show else ""
+    return f"{title} ({len(items)}): {', '.join(items[:show])}{more}"
