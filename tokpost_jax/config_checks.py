@@ -672,6 +672,29 @@ GAN_RULES: tuple[Any, ...] = (
     Within("gan", optim_rules("optim"), when=_enabled("gan")),
 )
 
+
+def _levels_ok(v: Any, env: Env) -> bool:
+    return isinstance(v, Sequence) and len(v) > 0 and all(_is_int(m) and m >= 1 for m in v)
+
+
+def _cnn_vq_divides(v: Any, env: Env) -> bool:
+    """image_size is a multiple of the downsampling 2^(levels−1)."""
+    mult = lookup(env.config, "model.ch_mult")
+    if not _levels_ok(mult, env) or not _is_int(v):
+        return True  # reported by the ch_mult / image_size rules
+    return v % 2 ** (len(mult) - 1) == 0
+
+
+def _cnn_vq_groups(v: Any, env: Env) -> bool:
+    """norm_groups divides every level's width ch·m (GroupNorm's requirement)."""
+    ch, mult = lookup(env.config, "model.ch"), lookup(env.config, "model.ch_mult")
+    if not _is_int(v) or v < 1:
+        return False
+    if not _is_int(ch) or not _levels_ok(mult, env):
+        return True
+    return all((ch * m) % v == 0 for m in mult)
+
+
 def _klvae_param_groups() -> tuple[str, ...]:
     from tokpost_jax.models.klvae import PARAM_GROUPS  # the model owns its groups (imports jax)
 
@@ -680,7 +703,7 @@ def _klvae_param_groups() -> tuple[str, ...]:
 
 #: The tokenizer families' own fields (models/build.py), by ``model.kind``.
 TOKENIZER_MODEL_RULES: tuple[Any, ...] = (
-    one_of("model.kind", ("vit_vq", "coda")),
+    one_of("model.kind", ("vit_vq", "coda", "cnn_vq")),
     one_of("model.remat", _remat_policies),
     integer("model.codebook_size", lo=1),
     # ViT VQ (models/tokenizer.py)
@@ -691,6 +714,20 @@ TOKENIZER_MODEL_RULES: tuple[Any, ...] = (
     number("model.commit_weight", lo=0, when=_kind("vit_vq")),
     *vit_rules("model.encoder", when=_kind("vit_vq")),
     *vit_rules("model.decoder", when=_kind("vit_vq")),
+    # CNN VQ (models/cnn_vq.py, the LlamaGen layout)
+    integer("model.ch", lo=1, when=_kind("cnn_vq")),
+    Rule("model.ch_mult", _levels_ok, "must be a non-empty sequence of positive integers",
+         when=_kind("cnn_vq")),
+    Rule("data.image_size", _cnn_vq_divides,
+         "must be a multiple of the downsampling 2^(len(model.ch_mult) − 1)",
+         when=_kind("cnn_vq")),
+    integer("model.num_res_blocks", lo=1, when=_kind("cnn_vq")),
+    integer("model.z_channels", lo=1, when=_kind("cnn_vq")),
+    integer("model.code_dim", lo=1, when=_kind("cnn_vq")),
+    Rule("model.norm_groups", _cnn_vq_groups,
+         "must be a positive integer dividing every level width model.ch × model.ch_mult[i]",
+         when=_kind("cnn_vq")),
+    number("model.commit_weight", lo=0, when=_kind("cnn_vq")),
     # CODA (models/coda.py): the VAE preset, the pyramid and the quantizer.
     equals("model.vae.resolution", "data.image_size", when=_kind("coda")),
     integer("model.vae.lora_rank", lo=0, when=_kind("coda")),

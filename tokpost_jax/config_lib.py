@@ -192,3 +192,27 @@ def klvae(size: str, **overrides: Any) -> ml_collections.ConfigDict:
         raise ValueError(f"Unknown KL-VAE fields {unknown}; known: {sorted(cfg)}")
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
+
+
+# CNN VQ tokenizer sizes (models/cnn_vq.py, the taming/LlamaGen layout). llamagen_vq16 is
+# LlamaGen's VQ-16 (``vq_ds16_c2i.pt``: 16× downsampling, codebook 16384 × 8, l2-normalised);
+# micro is the test size (16² → 8×8 tokens), the size of tests/fixtures/llamagen_vq_golden.npz
+# with a 64-code book instead of 32.
+CNN_VQ_SIZES: dict[str, dict[str, Any]] = {
+    "llamagen_vq16": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256,
+                          codebook_size=16384, code_dim=8, norm_groups=32),
+    "micro": dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, codebook_size=64,
+                  code_dim=4, norm_groups=4),
+}
+
+
+def cnn_vq(size: str, **overrides: Any) -> dict[str, Any]:
+    """A CNN VQ size as model fields (``kind`` excluded), with ``overrides`` checked by name."""
+    if size not in CNN_VQ_SIZES:
+        raise ValueError(f"Unknown CNN VQ size {size!r}; known: {sorted(CNN_VQ_SIZES)}")
+    cfg = dict(CNN_VQ_SIZES[size])
+    unknown = sorted(set(overrides) - set(cfg) - {"commit_weight"})
+    if unknown:
+        raise ValueError(f"Unknown CNN VQ fields {unknown}; known: {sorted(cfg)}")
+    cfg.update(overrides)
+    return cfg

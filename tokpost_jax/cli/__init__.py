@@ -57,6 +57,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tokpost_jax.config_checks import ConfigError
     from tokpost_jax.convert.inception_weights import InceptionWeightsError
     from tokpost_jax.convert.klvae import VAEImportError
+    from tokpost_jax.convert.llamagen_vq import LlamaGenImportError
     from tokpost_jax.convert.rar import RARImportError
     from tokpost_jax.convert.robustok_vit import RobusTokImportError
     from tokpost_jax.convert.timm_vit import ViTImportError
@@ -71,7 +72,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (DataError, CheckpointError, NonFiniteLossError, FileNotFoundError,
             InceptionWeightsError, ReferenceError, ConfigError, DiskFullError,
             WorkdirLockedError, TorchCheckpointError, StatisticsError, VAEImportError,
-            ViTImportError, RARImportError, RobusTokImportError)
+            ViTImportError, RARImportError, RobusTokImportError, LlamaGenImportError)
 
 
 def exit_with(e: BaseException) -> None:

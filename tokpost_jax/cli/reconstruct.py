@@ -1,5 +1,6 @@
 r"""Tokens and reconstructions of an image file, for any tokenizer of this project (ViT VQ, CODA),
-any released CODA checkpoint and RobusTok's released ViT VQ tokenizer files.
+any released CODA checkpoint, RobusTok's released ViT VQ tokenizer files and LlamaGen's
+released CNN VQ tokenizer (``vq_ds16_c2i.pt``, ``configs/cnn_vq.py:llamagen_vq16``).
 
 COMMAND (a tokpost run; the EMA weights of its latest readable checkpoint):
   python -m tokpost_jax.cli.reconstruct --config=configs/coda.py:demo --weights=runs/coda_demo \
@@ -228,6 +229,28 @@ def _released_robustok(config: Any, path: str, params_key: str) -> dict[str, Any
     return result.params
 
 
+#: Released LlamaGen VQ tokenizer files (convert/llamagen_vq.py).
+LLAMAGEN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
+
+
+def _released_llamagen(config: Any, path: str, params_key: str) -> dict[str, Any]:
+    """A released LlamaGen VQ file (``vq_ds16_c2i.pt``) at the config's sizes."""
+    from tokpost_jax.convert import llamagen_vq as lg
+    from tokpost_jax.convert.timm_vit import ViTImportError
+    from tokpost_jax.convert.torchscript import TorchCheckpointError
+    from tokpost_jax.models import build
+
+    which = "model" if params_key == "params" else "auto"
+    try:
+        result = lg.load_llamagen_vq(path, build.tokenizer(config), which=which)
+    except lg.LlamaGenImportError as e:
+        raise WeightsError(f"--weights={path}: {e}") from e
+    except (ViTImportError, TorchCheckpointError) as e:
+        raise WeightsError(f"--weights={path}: not a LlamaGen VQ tokenizer file ({e})") from e
+    logging.info("Released LlamaGen VQ tokenizer from %s (copy %s).", path, result.picked or "-")
+    return result.params
+
+
 def load_weights(config: Any, path: str, params_key: str = "ema_params",
                  step: int | None = None) -> Any:
     """Host parameters for ``config``'s tokenizer from a run directory or a CODA / RobusTok
@@ -253,10 +276,17 @@ def load_weights(config: Any, path: str, params_key: str = "ema_params",
         if step is not None:
             logging.warning("--step applies to tokpost runs, not to a RobusTok file.")
         return _released_robustok(config, path, params_key)
+    if kind == "cnn_vq" and files.isfile(path) and path.lower().endswith(LLAMAGEN_SUFFIXES):
+        if step is not None:
+            logging.warning("--step applies to tokpost runs, not to a LlamaGen file.")
+        return _released_llamagen(config, path, params_key)
     accepted = "a tokpost run directory (with checkpoints/)"
     if kind == "coda":
         accepted += (" or a released CODA checkpoint (a folder with "
                      + " or ".join(" + ".join(p) for p in kc.CODA_FILES) + ", or one file)")
+    elif kind == "cnn_vq":
+        accepted += (" or a released LlamaGen VQ tokenizer file (" + ", ".join(LLAMAGEN_SUFFIXES)
+                     + ")")
     elif kind == "vit_vq":
         accepted += (" or a released RobusTok tokenizer file (" + ", ".join(ROBUSTOK_SUFFIXES)
                      + ")")

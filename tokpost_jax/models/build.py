@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tokpost_jax.models import discriminator as disc_lib
+from tokpost_jax.models.cnn_vq import CNNVQTokenizer
 from tokpost_jax.models.coda import CODATokenizer
 from tokpost_jax.models.generator import RAR
 from tokpost_jax.models.klvae import KLVAE, build_klvae
@@ -39,6 +40,21 @@ def _vit_vq(config: ml_collections.ConfigDict) -> Tokenizer:
         encoder=m.encoder.to_dict(),
         decoder=m.decoder.to_dict(),
         commit_weight=m.commit_weight,
+        dtype=jnp.dtype(config.dtype),
+        remat=m.get("remat", "none"),
+    )
+
+
+#: The ``config.model`` fields of a CNN VQ tokenizer (``configs/cnn_vq.py``).
+CNN_VQ_FIELDS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "codebook_size", "code_dim",
+                 "norm_groups", "commit_weight")
+
+
+def _cnn_vq(config: ml_collections.ConfigDict) -> CNNVQTokenizer:
+    m = config.model
+    return CNNVQTokenizer(
+        image_size=config.data.image_size,
+        **{f: tuple(m[f]) if f == "ch_mult" else m[f] for f in CNN_VQ_FIELDS},
         dtype=jnp.dtype(config.dtype),
         remat=m.get("remat", "none"),
     )
@@ -70,6 +86,7 @@ def _coda(config: ml_collections.ConfigDict) -> CODATokenizer:
 TOKENIZERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "vit_vq": _vit_vq,
     "coda": _coda,
+    "cnn_vq": _cnn_vq,
 }
 
 

@@ -160,7 +160,8 @@ class _Level(_Ctx):
 
 
 class Encoder(_Ctx):
-    """Image [B,H,W,3] → moments-before-quant_conv [B,H/2^(L−1),W/2^(L−1),2z]."""
+    """Image [B,H,W,3] → moments-before-quant_conv [B,H/2^(L−1),W/2^(L−1),2z] (z without
+    ``double_z``: the VQ encoders of the same layout, e.g. LlamaGen's, emit one latent)."""
 
     ch: int = 128
     ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
@@ -168,6 +169,7 @@ class Encoder(_Ctx):
     z_channels: int = 16
     resolution: int = 256
     attn_resolutions: tuple[int, ...] = ()
+    double_z: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -181,7 +183,8 @@ class Encoder(_Ctx):
             res = res // 2 if i != last else res
         h = Mid(name="mid", **self.child("mid"))(h)
         h = nn.silu(self.norm("norm_out")(h))
-        return self.conv("conv_out", 2 * self.z_channels, in_axis="embed", out_axis=None)(h)
+        out = 2 * self.z_channels if self.double_z else self.z_channels
+        return self.conv("conv_out", out, in_axis="embed", out_axis=None)(h)
 
 
 class Decoder(_Ctx):

@@ -170,7 +170,9 @@ class TokenizerStage(ReconstructionStage):
                 mutable=["intermediates"],
             )
             inter = inter["intermediates"]
-            features = jax.lax.stop_gradient(inter["vit_decoder"]["to_pixel_input"][0])
+            # The ViT decoder sows its output layer's input; other families (cnn_vq) do not.
+            sown = inter.get("vit_decoder", {}).get("to_pixel_input")
+            features = None if sown is None else jax.lax.stop_gradient(sown[0])
             semantic = jnp.zeros((), jnp.float32)
             if self.semantic_weight:
                 codes = inter["decoder_codes"][0] if cfg.semantic.student_perturbed else q.quantized
@@ -202,7 +204,7 @@ class TokenizerStage(ReconstructionStage):
 
             def reference_grad(image_grad: jax.Array) -> jax.Array:
                 path = self.gan.cfg.adaptive_param
-                if path == TO_PIXEL_KERNEL:
+                if path == TO_PIXEL_KERNEL and features is not None:
                     return to_pixel_kernel_grad(features, image_grad, cfg.model.patch_size)
                 (g,) = backward((image_grad, side_zero))  # any parameter: one more backward
                 return param_at(g, path, what="gan.adaptive_param")
