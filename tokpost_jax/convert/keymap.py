@@ -27,3 +27,20 @@ def problem_list(title: str, items: Iterable[str], show: int = 12) -> str:
         return ""
     more = f" and {len(items) - show} more" if len(items) > show else ""
     return f"{title} ({len(items)}): {', '.join(items[:show])}{more}"
+
+
+#: Name prefixes that DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) add to every key.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrappers(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """``sd`` without the wrapper prefixes shared by every key (nested wrappers too)."""
+    sd = dict(sd)
+    changed = True
+    while changed and sd:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd

@@ -42,7 +42,12 @@ import numpy as np
 from absl import logging
 
 from tokpost_jax import files
-from tokpost_jax.convert.keymap import flat_params, nest_params, problem_list
+from tokpost_jax.convert.keymap import (
+    flat_params,
+    nest_params,
+    problem_list,
+    strip_wrappers,
+)
 from tokpost_jax.convert.timm_vit import read_state_dict
 from tokpost_jax.convert.torchscript import read_torch_checkpoint
 from tokpost_jax.models.cnn_vq import CNNVQTokenizer
@@ -65,7 +70,6 @@ USAGE_BUFFER = "quantize.codebook_used"
 USAGE_BUFFER_SIZE = 65536
 #: Copies a training checkpoint may hold, in the official demo's order of preference.
 COPIES = ("ema", "model", "state_dict")
-_WRAPPERS = ("module.", "_orig_mod.")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _MID = {"0": "block_1", "1": "attn_1", "2": "block_2"}
 _MID_BACK = {v: k for k, v in _MID.items()}
@@ -216,19 +220,6 @@ def _file_sizes(sd: Mapping[str, Any]) -> str:
     return ", ".join(found)
 
 
-def _unwrap(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Strips DDP / torch.compile prefixes shared by every key."""
-    sd = dict(sd)
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in _WRAPPERS:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
-    return sd
-
-
 def official_to_flax(
     sd: Mapping[str, Any], tok: CNNVQTokenizer, *, dtype: Any = np.float32,
     source: str = "state dict",
@@ -238,7 +229,7 @@ def official_to_flax(
     Every missing, unexpected and misshaped key is named in one :class:`LlamaGenImportError`,
     with the sizes the file implies. Float arrays are cast to ``dtype`` (None keeps them).
     """
-    sd = _unwrap(sd)
+    sd = strip_wrappers(sd)
     expected = official_shapes(tok)
     skipped = tuple(k for k in sd if k == USAGE_BUFFER)
     missing = [k for k in expected if k not in sd]
@@ -298,7 +289,7 @@ def select_state_dict(flat: Mapping[str, Any], which: str = "auto"
     """
     if which not in ("auto", *COPIES):
         raise LlamaGenImportError(f"which must be 'auto' or one of {COPIES}, got {which!r}")
-    flat = _unwrap(flat)
+    flat = strip_wrappers(flat)
     present = [c for c in COPIES if any(k.startswith(f"{c}.encoder.") for k in flat)]
     if which == "auto":
         which = present[0] if present else ""
@@ -314,7 +305,8 @@ def select_state_dict(flat: Mapping[str, Any], which: str = "auto"
                                       f"{tops[:12]}")
         return dict(flat), ""
     prefix = f"{which}."
-    return _unwrap({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}), which
+    picked = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    return strip_wrappers(picked), which
 
 
 def load_llamagen_vq(

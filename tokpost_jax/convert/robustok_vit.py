@@ -50,7 +50,12 @@ from typing import Any, NamedTuple
 import numpy as np
 from absl import logging
 
-from tokpost_jax.convert.keymap import flat_params, nest_params, problem_list
+from tokpost_jax.convert.keymap import (
+    flat_params,
+    nest_params,
+    problem_list,
+    strip_wrappers,
+)
 from tokpost_jax.convert.timm_vit import read_state_dict
 from tokpost_jax.convert.torchscript import read_torch_checkpoint
 from tokpost_jax.models.tokenizer import Tokenizer
@@ -70,7 +75,6 @@ __all__ = [
 SKIPPED_PREFIXES = ("semantic_model.", "detail_model.")
 USAGE_BUFFER = "quantize.ema_vocab_hit_SV"
 LEVEL_BUFFERS = ("encoder.lvl1LC", "decoder.lvl1LC")
-_WRAPPERS = ("module.", "_orig_mod.")  # DDP / torch.compile name prefixes
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _COPIES = ("ema", "model")
 # Names only an official VQModel has (a KL-VAE, for one, also has ``quant_conv.weight``).
@@ -269,17 +273,6 @@ def _hints(missing: list[str], unexpected: list[str]) -> str:
 
 
 # ---- import / export ----------------------------------------------------------------------------
-def _unwrap(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Strips DDP / torch.compile prefixes shared by every key."""
-    sd = dict(sd)
-    changed = True
-    while changed and sd:
-        changed = False
-        for prefix in _WRAPPERS:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
-    return sd
 
 
 def official_to_flax(
@@ -293,7 +286,7 @@ def official_to_flax(
     named in one :class:`RobusTokImportError`. Float arrays are cast to ``dtype`` (None keeps
     them).
     """
-    sd = _unwrap(sd)
+    sd = strip_wrappers(sd)
     entries = _entries(tok)
     expected = {e.key: _torch_shape(e) for e in entries}
     skipped = sorted(k for k in sd if k.startswith(SKIPPED_PREFIXES) or k == USAGE_BUFFER)
@@ -380,7 +373,7 @@ def select_state_dict(flat: Mapping[str, Any], which: str = "auto") -> tuple[dic
     """
     if which not in ("auto", *_COPIES):
         raise RobusTokImportError(f"which must be 'auto', 'ema' or 'model', got {which!r}")
-    flat = _unwrap(flat)
+    flat = strip_wrappers(flat)
     present = [c for c in _COPIES if any(k.startswith(f"{c}.encoder.") for k in flat)]
     if which == "auto":
         which = present[0] if present else ""
@@ -391,7 +384,8 @@ def select_state_dict(flat: Mapping[str, Any], which: str = "auto") -> tuple[dic
     if not which:
         return dict(flat), ""
     prefix = f"{which}."
-    return _unwrap({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}), which
+    picked = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    return strip_wrappers(picked), which
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
