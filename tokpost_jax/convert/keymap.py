@@ -1,5 +1,5 @@
-"""What every importer shares: Flax parameter trees as flat path → array maps, and the one-line
-list of bad keys that an import error names."""
+"""What every importer shares: Flax parameter trees as flat path → array maps, the one-line list
+of bad keys that an import error names, and state dicts without DDP / torch.compile prefixes."""
 
 from __future__ import annotations
 
