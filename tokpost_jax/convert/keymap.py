@@ -44,3 +44,29 @@ def strip_wrappers(sd: Mapping[str, Any]) -> dict[str, Any]:
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 changed = True
     return sd
+
+
+def pick_copy(
+    flat: Mapping[str, Any], copies: tuple[str, ...], which: str, error: type[Exception]
+) -> tuple[dict[str, Any], str]:
+    """One model's state dict out of a flat training checkpoint that may hold several copies
+    (``ema.encoder.*``, ``model.encoder.*``): (state dict, picked copy, "" for a bare dict).
+
+    ``which``: "auto" (the first of ``copies`` present, else the dict itself) or one of
+    ``copies``; a copy asked for and absent raises ``error`` naming the top-level names.
+    """
+    if which not in ("auto", *copies):
+        raise error(f"which must be 'auto' or one of {copies}, got {which!r}")
+    flat = strip_wrappers(flat)
+    present = [c for c in copies if any(k.startswith(f"{c}.encoder.") for k in flat)]
+    if which == "auto":
+        which = present[0] if present else ""
+    elif which not in present:
+        tops = sorted({k.split(".", 1)[0] for k in flat})
+        raise error(f"the checkpoint has no {which!r} copy of the tokenizer "
+                    f"({which}.encoder.*); top-level names: {tops[:12]}")
+    if not which:
+        return dict(flat), ""
+    prefix = f"{which}."
+    picked = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    return strip_wrappers(picked), which

@@ -45,6 +45,7 @@ from tokpost_jax import files
 from tokpost_jax.convert.keymap import (
     flat_params,
     nest_params,
+    pick_copy,
     problem_list,
     strip_wrappers,
 )
@@ -287,26 +288,12 @@ def select_state_dict(flat: Mapping[str, Any], which: str = "auto"
     ``which``: "auto" (``ema``, else ``model``, else ``state_dict``, else the dict itself, the
     official demo's order) or one of :data:`COPIES`.
     """
-    if which not in ("auto", *COPIES):
-        raise LlamaGenImportError(f"which must be 'auto' or one of {COPIES}, got {which!r}")
-    flat = strip_wrappers(flat)
-    present = [c for c in COPIES if any(k.startswith(f"{c}.encoder.") for k in flat)]
-    if which == "auto":
-        which = present[0] if present else ""
-    elif which not in present:
-        tops = sorted({k.split(".", 1)[0] for k in flat})
-        raise LlamaGenImportError(f"the checkpoint has no {which!r} copy of the tokenizer "
-                                  f"({which}.encoder.*); top-level names: {tops[:12]}")
-    if not which:
-        if not any(k.startswith("encoder.") for k in flat):
-            tops = sorted({k.split(".", 1)[0] for k in flat})
-            raise LlamaGenImportError("not a LlamaGen VQModel checkpoint (no encoder.* nor "
-                                      f"{'/'.join(COPIES)}.encoder.*); top-level names: "
-                                      f"{tops[:12]}")
-        return dict(flat), ""
-    prefix = f"{which}."
-    picked = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-    return strip_wrappers(picked), which
+    sd, picked = pick_copy(flat, COPIES, which, LlamaGenImportError)
+    if not picked and not any(k.startswith("encoder.") for k in sd):
+        tops = sorted({k.split(".", 1)[0] for k in sd})
+        raise LlamaGenImportError("not a LlamaGen VQModel checkpoint (no encoder.* nor "
+                    f"{'/'.join(COPIES)}.encoder.*); top-level names: {tops[:12]}")
+    return sd, picked
 
 
 def load_llamagen_vq(

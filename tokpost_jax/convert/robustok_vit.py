@@ -53,6 +53,7 @@ from absl import logging
 from tokpost_jax.convert.keymap import (
     flat_params,
     nest_params,
+    pick_copy,
     problem_list,
     strip_wrappers,
 )
@@ -371,21 +372,7 @@ def select_state_dict(flat: Mapping[str, Any], which: str = "auto") -> tuple[dic
     ``ema.encoder...``, ``model.encoder...``, ``optimizer...``). ``which``: "auto" (``ema`` when
     present, else ``model``, else the dict itself), "ema" or "model".
     """
-    if which not in ("auto", *_COPIES):
-        raise RobusTokImportError(f"which must be 'auto', 'ema' or 'model', got {which!r}")
-    flat = strip_wrappers(flat)
-    present = [c for c in _COPIES if any(k.startswith(f"{c}.encoder.") for k in flat)]
-    if which == "auto":
-        which = present[0] if present else ""
-    elif which not in present:
-        tops = sorted({k.split(".", 1)[0] for k in flat})
-        raise RobusTokImportError(f"the checkpoint has no {which!r} copy of the tokenizer "
-                                  f"({which}.encoder.*); top-level names: {tops}")
-    if not which:
-        return dict(flat), ""
-    prefix = f"{which}."
-    picked = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-    return strip_wrappers(picked), which
+    return pick_copy(flat, _COPIES, which, RobusTokImportError)
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
