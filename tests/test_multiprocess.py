@@ -157,6 +157,46 @@ def test_process0_decides_stage_state_and_prepares_the_dataset_once(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("prepared_by_*")) == ["prepared_by_0"]
 
 
+LATE_PEER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from tokpost_jax import multihost, sharding
+    multihost.initialize_from_env()
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2})
+    x = jax.make_array_from_callback(
+        (4, 4), NamedSharding(mesh, P("data", "fsdp")), lambda i: np.ones((1, 2), np.float32))
+    gather = jax.jit(lambda v: v * 3.0, out_shardings=NamedSharding(mesh, P()))
+    reduce = jax.jit(lambda v: v.sum(axis=1), out_shardings=NamedSharding(mesh, P("data")))
+    me = jax.process_index()
+    if me == 1:
+        time.sleep(35)  # a peer still compiling what the other loaded from the cache
+    total = float(np.asarray(gather(x).addressable_data(0)).sum())
+    if me == 0:
+        time.sleep(35)
+    part = np.asarray(reduce(x).addressable_data(0)).tolist()
+    print("RESULT", total, part, flush=True)
+    """
+)
+
+
+def test_a_peer_reaching_its_first_collective_35_s_late_is_waited_for(tmp_path):
+    """XLA:CPU's gloo connects a device group at its first collective with a 30 s window; a
+    resumed job whose processes differ in compile time (only process 0 hits the persistent
+    cache) broke there ("Gloo context initialization failed"). Joining and making a mesh
+    connect the groups up front, so a first all-gather and an fsdp-axis reduce 35 s apart work."""
+    script = tmp_path / "late_peer.py"
+    script.write_text(LATE_PEER)
+    logs = str(tmp_path / "logs")
+    _run([str(script)], processes=2, logs=logs, timeout=150)
+    for i in range(2):
+        line = next(x for x in _log(logs, i).splitlines() if x.startswith("RESULT "))
+        assert line == "RESULT 48.0 [4.0]", line
+
+
 # ------------------------------------------------------------------ train, encode, evaluate
 
 

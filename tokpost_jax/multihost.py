@@ -50,7 +50,49 @@ def initialize_from_env() -> bool:
             except ValueError:
                 raise ValueError(f"{env}={value!r} must be an integer") from None
     jax.distributed.initialize(**kwargs)
+    from jax.experimental import multihost_utils
+
+    # The device groups of multihost_utils' broadcasts (one device per process) and of a
+    # data-parallel step (all devices), connected while the processes stand together.
+    multihost_utils.sync_global_devices("tokpost_jax: connect")
+    connect_collectives(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)))
     return True
+
+
+def connect_collectives(mesh: Any) -> None:
+    """Runs one all-reduce over every device group a step on ``mesh`` reduces over (all axes,
+    and each axis alone) and checks its sum; a no-op with one process.
+
+    Why: XLA:CPU's gloo collectives connect a device group at its first collective and give the
+    peers 30 s to arrive; after that a collective waits as long as it must. A restarted job
+    breaks that window: process 0 loads its executables from the persistent compilation cache
+    while the others (whose cache keys differ, and which JAX never lets write the cache) compile
+    for minutes, and the first train step fails with "Gloo context initialization failed". So
+    groups are connected where the processes are together: right after they join, and where
+    a mesh is made.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if jax.process_count() == 1:
+        return
+    names = tuple(mesh.axis_names)
+    axes = tuple(n for n in names if mesh.shape[n] > 1)
+    spec = PartitionSpec(names)
+    ones = jax.make_array_from_callback(
+        (mesh.size,), NamedSharding(mesh, spec), lambda index: np.ones(1, np.int32)
+    )
+    for group in dict.fromkeys([axes, *((a,) for a in axes)]):
+        summed = jax.jit(
+            jax.shard_map(
+                lambda x, group=group: jax.lax.psum(x, group),
+                mesh=mesh, in_specs=spec, out_specs=spec,
+            )
+        )(ones)
+        want = int(np.prod([mesh.shape[a] for a in group]))
+        got = {int(s.data[0]) for s in summed.addressable_shards}
+        if got != {want}:
+            raise RuntimeError(f"all-reduce over mesh axes {group} gave {got}, not {want}")
 
 
 def _broadcast_bytes(payload: bytes | None) -> bytes:

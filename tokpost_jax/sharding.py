@@ -17,12 +17,15 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tokpost_jax import multihost
+
 Rules = Sequence[tuple[str, Any]]
 
 
 def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with named axes in the given order; one size may be -1 ("all remaining devices")."""
-    devices = list(jax.devices() if devices is None else devices)
+    own = devices is None  # the job's own devices, not an AOT target topology
+    devices = list(jax.devices() if own else devices)
     names = tuple(axes.keys())
     sizes = [int(s) for s in axes.values()]
     if sizes.count(-1) > 1:
@@ -41,7 +44,10 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
         grid = mesh_utils.create_device_mesh(sizes, devices=devices)
     except (AssertionError, ValueError, NotImplementedError):
         grid = np.asarray(devices).reshape(sizes)  # e.g. a subset of devices in tests
-    return Mesh(grid, names)
+    mesh = Mesh(grid, names)
+    if own:
+        multihost.connect_collectives(mesh)
+    return mesh
 
 
 def rules_tuple(rules: Rules) -> tuple[tuple[str, Any], ...]:
