@@ -641,8 +641,8 @@ def _enabled_in(env: Env, block: str) -> bool:
     return bool(env.get(f"{block}.enabled"))
 
 
-def _kind(kind: str) -> Callable[[Env], bool]:
-    return lambda env: env.get("model.kind", "vit_vq") == kind
+def _kind(kind: str, *more: str) -> Callable[[Env], bool]:
+    return lambda env: env.get("model.kind", "vit_vq") in (kind, *more)
 
 
 def _square_sides(v: Any, env: Env) -> bool:
@@ -703,7 +703,7 @@ def _klvae_param_groups() -> tuple[str, ...]:
 
 #: The tokenizer families' own fields (models/build.py), by ``model.kind``.
 TOKENIZER_MODEL_RULES: tuple[Any, ...] = (
-    one_of("model.kind", ("vit_vq", "coda", "cnn_vq")),
+    one_of("model.kind", ("vit_vq", "coda", "cnn_vq", "maskgit_vq")),
     one_of("model.remat", _remat_policies),
     integer("model.codebook_size", lo=1),
     # ViT VQ (models/tokenizer.py)
@@ -714,20 +714,21 @@ TOKENIZER_MODEL_RULES: tuple[Any, ...] = (
     number("model.commit_weight", lo=0, when=_kind("vit_vq")),
     *vit_rules("model.encoder", when=_kind("vit_vq")),
     *vit_rules("model.decoder", when=_kind("vit_vq")),
-    # CNN VQ (models/cnn_vq.py, the LlamaGen layout)
-    integer("model.ch", lo=1, when=_kind("cnn_vq")),
+    # CNN VQ (models/cnn_vq.py, the LlamaGen layout; models/maskgit_vq.py shares the fields
+    # but z_channels)
+    integer("model.ch", lo=1, when=_kind("cnn_vq", "maskgit_vq")),
     Rule("model.ch_mult", _levels_ok, "must be a non-empty sequence of positive integers",
-         when=_kind("cnn_vq")),
+         when=_kind("cnn_vq", "maskgit_vq")),
     Rule("data.image_size", _cnn_vq_divides,
          "must be a multiple of the downsampling 2^(len(model.ch_mult) − 1)",
-         when=_kind("cnn_vq")),
-    integer("model.num_res_blocks", lo=1, when=_kind("cnn_vq")),
+         when=_kind("cnn_vq", "maskgit_vq")),
+    integer("model.num_res_blocks", lo=1, when=_kind("cnn_vq", "maskgit_vq")),
     integer("model.z_channels", lo=1, when=_kind("cnn_vq")),
-    integer("model.code_dim", lo=1, when=_kind("cnn_vq")),
+    integer("model.code_dim", lo=1, when=_kind("cnn_vq", "maskgit_vq")),
     Rule("model.norm_groups", _cnn_vq_groups,
          "must be a positive integer dividing every level width model.ch × model.ch_mult[i]",
-         when=_kind("cnn_vq")),
-    number("model.commit_weight", lo=0, when=_kind("cnn_vq")),
+         when=_kind("cnn_vq", "maskgit_vq")),
+    number("model.commit_weight", lo=0, when=_kind("cnn_vq", "maskgit_vq")),
     # CODA (models/coda.py): the VAE preset, the pyramid and the quantizer.
     equals("model.vae.resolution", "data.image_size", when=_kind("coda")),
     integer("model.vae.lora_rank", lo=0, when=_kind("coda")),

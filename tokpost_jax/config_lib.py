@@ -216,3 +216,27 @@ def cnn_vq(size: str, **overrides: Any) -> dict[str, Any]:
         raise ValueError(f"Unknown CNN VQ fields {unknown}; known: {sorted(cfg)}")
     cfg.update(overrides)
     return cfg
+
+
+# MaskGIT VQGAN tokenizer sizes (models/maskgit_vq.py). maskgit is the released
+# ``tokenizer_imagenet{256,512}_checkpoint`` (maskgit configs/vqgan_config.py: filters 128,
+# multipliers (1, 1, 2, 2, 4), 2 res blocks, codebook 1024 × 256, GroupNorm 32; one set of
+# weights for both resolutions); micro is the test size (16² → 8×8 tokens).
+MASKGIT_VQ_SIZES: dict[str, dict[str, Any]] = {
+    "maskgit": dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, code_dim=256,
+                    codebook_size=1024, norm_groups=32),
+    "micro": dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, code_dim=4, codebook_size=64,
+                  norm_groups=4),
+}
+
+
+def maskgit_vq(size: str, **overrides: Any) -> dict[str, Any]:
+    """A MaskGIT VQ size as model fields (``kind`` excluded), with ``overrides`` checked by name."""
+    if size not in MASKGIT_VQ_SIZES:
+        raise ValueError(f"Unknown MaskGIT VQ size {size!r}; known: {sorted(MASKGIT_VQ_SIZES)}")
+    cfg = dict(MASKGIT_VQ_SIZES[size])
+    unknown = sorted(set(overrides) - set(cfg) - {"commit_weight"})
+    if unknown:
+        raise ValueError(f"Unknown MaskGIT VQ fields {unknown}; known: {sorted(cfg)}")
+    cfg.update(overrides)
+    return cfg

@@ -21,6 +21,7 @@ from tokpost_jax.models.coda import CODATokenizer
 from tokpost_jax.models.generator import RAR
 from tokpost_jax.models.klvae import KLVAE, build_klvae
 from tokpost_jax.models.lpips import LPIPS
+from tokpost_jax.models.maskgit_vq import MaskGITVQTokenizer
 from tokpost_jax.models.teacher import ViTTeacher
 from tokpost_jax.models.tokenizer import Tokenizer
 
@@ -60,6 +61,21 @@ def _cnn_vq(config: ml_collections.ConfigDict) -> CNNVQTokenizer:
     )
 
 
+#: The ``config.model`` fields of a MaskGIT VQGAN tokenizer (``configs/maskgit_vq.py``).
+MASKGIT_VQ_FIELDS = ("ch", "ch_mult", "num_res_blocks", "code_dim", "codebook_size",
+                     "norm_groups", "commit_weight")
+
+
+def _maskgit_vq(config: ml_collections.ConfigDict) -> MaskGITVQTokenizer:
+    m = config.model
+    return MaskGITVQTokenizer(
+        image_size=config.data.image_size,
+        **{f: tuple(m[f]) if f == "ch_mult" else m[f] for f in MASKGIT_VQ_FIELDS},
+        dtype=jnp.dtype(config.dtype),
+        remat=m.get("remat", "none"),
+    )
+
+
 def _coda(config: ml_collections.ConfigDict) -> CODATokenizer:
     m = config.model
     vae = {k: tuple(v) if isinstance(v, list) else v for k, v in m.vae.to_dict().items()}
@@ -87,6 +103,7 @@ TOKENIZERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "vit_vq": _vit_vq,
     "coda": _coda,
     "cnn_vq": _cnn_vq,
+    "maskgit_vq": _maskgit_vq,
 }
 
 
