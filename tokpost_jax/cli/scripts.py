@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "tokpost-coda-ablation": "tokpost_jax.cli.coda_ablation",
     "tokpost-aot-compile": "tokpost_jax.cli.aot_compile",
     "tokpost-score": "tokpost_jax.cli.score",
+    "tokpost-export": "tokpost_jax.cli.export",
 }
 
 
@@ -79,3 +80,7 @@ def aot_compile() -> None:
 
 def score() -> None:
     run_module(COMMANDS["tokpost-score"])
+
+
+def export() -> None:
+    run_module(COMMANDS["tokpost-export"])

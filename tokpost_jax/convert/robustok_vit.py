@@ -69,6 +69,7 @@ __all__ = [
     "official_buffers",
     "official_keys",
     "official_to_flax",
+    "read_teachers",
     "select_state_dict",
 ]
 
@@ -338,7 +339,7 @@ def flax_to_official(params: Any, tok: Tokenizer, *, buffers: bool = True
     Exact: :func:`official_to_flax` gives the same arrays back. With ``buffers`` the level
     buffers and zero usage statistics are added (:func:`official_buffers`), so the official
     ``load_state_dict`` accepts it apart from the training teachers (``semantic_model.*``), which
-    are not part of the tokenizer (load with ``strict=False`` or add them).
+    are not part of the tokenizer (load with ``strict=False`` or add them: :func:`read_teachers`).
     """
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
@@ -379,6 +380,26 @@ def _read(path: str) -> dict[str, np.ndarray]:
     if path.lower().endswith(_TORCH_SUFFIXES):
         return read_torch_checkpoint(path)  # keeps the "model." / "ema." copies apart
     return read_state_dict(path)  # .safetensors / .npz (and the unknown-format error)
+
+
+def read_teachers(path: str | os.PathLike, *, which: str = "auto") -> dict[str, np.ndarray]:
+    """The frozen training teachers (``semantic_model.*``, ``detail_model.*``) of a RobusTok file,
+    verbatim.
+
+    Why: the official ``VQModel`` built as released (``semantic_guide: dinov2``) holds its
+    teacher, so its strict ``load_state_dict`` needs those entries, which no tokenizer params
+    hold; an export copies them from an official checkpoint of the same architecture (frozen:
+    never trained, so every such checkpoint holds the same ones).
+    """
+    path = os.fspath(path)
+    sd = strip_wrappers(select_state_dict(_read(path), which)[0])
+    out = {k: np.asarray(v) for k, v in sd.items() if k.startswith(SKIPPED_PREFIXES)}
+    if not out:
+        names = " / ".join(f"{p}*" for p in SKIPPED_PREFIXES)
+        raise RobusTokImportError(f"{path}: no teacher entries ({names})"
+                                  "; a RobusTok VQModel file trained with semantic_guide holds "
+                                  "them")
+    return out
 
 
 def load_robustok(
