@@ -277,3 +277,24 @@ def test_config_checks_know_the_maskgit_vq_fields():
         cfg[group][name] = value
         with pytest.raises(cc.ConfigError, match=says):
             cc.check_config(cfg, num_devices=1, num_hosts=1)
+
+
+def test_reconstruct_command_reads_a_maskgit_file(tmp_path):
+    """``reconstruct --weights=<release file>`` at the fixture's sizes: the imported params, and
+    tokens / reconstructions that are the model's own encode and decode of the same images."""
+    from tokpost_jax.cli import reconstruct as rc
+
+    path = tmp_path / "tokenizer_imagenet256_checkpoint"
+    path.write_bytes(golden()["checkpoint"].tobytes())
+    cfg = config_lib.load_config_file("configs/maskgit_vq.py", "micro", lock=False)
+    with pytest.raises(rc.WeightsError, match=r"MaskGIT"):
+        rc.load_weights(cfg, str(path))  # the micro sizes are not the fixture's
+    tok = model()
+    cfg.data.image_size = tok.image_size
+    cfg.model.update({f: getattr(tok, f) for f in build.MASKGIT_VQ_FIELDS if f != "commit_weight"})
+    images = np.round(np.asarray(golden()["x"]) * 255).astype(np.uint8)
+    out = rc.reconstruct(cfg, str(path), images, batch_size=8)
+    x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+    indices = tok.apply(imported(), x, method=tok.encode)
+    np.testing.assert_array_equal(out["indices"], np.asarray(indices))
+    assert out["reconstructions"].shape == images.shape

@@ -49,7 +49,7 @@ def main(fl: dict[str, Any]) -> None:
     if workdir is not None:
         result = evaluate_checkpoint(config, workdir, fl["params"].value, fl["out"].value)
     else:
-        from tokpost_jax.cli.reconstruct import load_weights
+        from tokpost_jax.convert.tokenizer_weights import load_weights
 
         if not fl["out"].value:
             from absl import app

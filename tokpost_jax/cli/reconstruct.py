@@ -34,11 +34,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from tokpost_jax import cli, files
-from tokpost_jax.checkpoint import CheckpointError
 from tokpost_jax.config_checks import ConfigError
+from tokpost_jax.convert.tokenizer_weights import (
+    LLAMAGEN_SUFFIXES,
+    ROBUSTOK_SUFFIXES,
+    WeightsError,
+    check_fits,
+    first_mismatch,
+    load_weights,
+)
 from tokpost_jax.data import DataError
 
 IMAGES_KEY = "arr_0"
@@ -46,10 +53,6 @@ IMAGES_KEY = "arr_0"
 
 class ImagesError(DataError):
     """The input image file is not what the tokenizer takes."""
-
-
-class WeightsError(CheckpointError):
-    """The weights are not a kind this command reads, or do not fit the config."""
 
 
 def define_flags() -> dict[str, Any]:
@@ -116,181 +119,10 @@ def read_images(path: str, size: int) -> np.ndarray:
 
 
 # ---- weights ------------------------------------------------------------------------------------
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """"/"-joined leaf path → shape, in the tree's own (sorted) order."""
-    import jax
-
-    from tokpost_jax import sharding as shd
-    from tokpost_jax.checkpoint import leaf_name
-
-    flat = jax.tree_util.tree_flatten_with_path(shd.strip_boxes(tree))[0]
-    return {leaf_name(p).replace(".", "/"): tuple(np.shape(x)) for p, x in flat}
-
-
-def first_mismatch(want: Mapping[str, tuple], got: Mapping[str, tuple]) -> str | None:
-    """"name: config [..] vs weights [..] (k of n entries differ)" for the first differing entry
-    in ``want``'s order (then the weights' extra entries), or None when all agree."""
-    names = [*want, *(k for k in got if k not in want)]
-    differ = [k for k in names if want.get(k) != got.get(k)]
-    if not differ:
-        return None
-
-    def show(shape: tuple | None) -> str:
-        return "absent" if shape is None else str(list(shape))
-
-    k = differ[0]
-    return (f"{k}: config {show(want.get(k))} vs weights {show(got.get(k))} "
-            f"({len(differ)} of {len(names)} entries differ)")
-
-
-def _mismatch_error(source: str, where: str) -> WeightsError:
-    return WeightsError(f"--weights={source} does not fit the config's model (set "
-                        f"--config.model.* to the checkpoint's sizes): first mismatch {where}")
-
-
-def _released_vae_mismatch(path: str, vae_cfg: Any) -> str | None:
-    """The first torch-layout entry where a released CODA VAE and ``vae_cfg`` differ (read again
-    only to explain a failed import)."""
-    from tokpost_jax.convert import klvae as kc
-    from tokpost_jax.convert.timm_vit import read_state_dict
-
-    if files.isdir(path):
-        pair = next((p for p in kc.CODA_FILES
-                     if all(files.isfile(files.join(path, f)) for f in p)), None)
-        if pair is None:
-            return None
-        sd = read_state_dict(files.join(path, pair[0]))
-    else:
-        sd = kc.split_coda_state_dict(read_state_dict(path))[0]
-    if kc.detect_layout(sd) == "diffusers":
-        sd = kc.diffusers_to_ldm(sd)
-    got = {k: tuple(np.shape(v)) for k, v in sd.items()}
-    return first_mismatch(kc.ldm_keys(vae_cfg), got)
-
-
-def _released_coda(config: Any, path: str) -> dict[str, Any]:
-    """A released CODA tokenizer (``convert.klvae.load_coda`` with the config's VAE fields) plus
-    the config's latent scale and shift, which the release does not store."""
-    from tokpost_jax.convert import klvae as kc
-    from tokpost_jax.convert.timm_vit import ViTImportError
-    from tokpost_jax.convert.torchscript import TorchCheckpointError
-
-    m = config.model
-    if not m.latent_scale:
-        raise WeightsError(
-            f"--weights={path} is a released CODA checkpoint, which stores no latent scale: set "
-            "--config.model.latent_scale (and latent_shift; MAR 0.2325 / 0, FLUX 0.3611 / "
-            "0.1159); 0 means 'measured', which only training does")
-    try:
-        vae, quant, report = kc.load_coda(path, m.vae)
-    except (kc.VAEImportError, ViTImportError, TorchCheckpointError) as e:
-        where = None
-        if isinstance(e, kc.VAEImportError):
-            try:
-                where = _released_vae_mismatch(path, m.vae)
-            except (kc.VAEImportError, ViTImportError, TorchCheckpointError, OSError):
-                where = None
-        if where is not None:
-            raise _mismatch_error(path, where) from e
-        raise WeightsError(f"--weights={path}: not a CODA release ({e})") from e
-    logging.info("Released CODA tokenizer from %s (%s layout).", path, report.layout)
-    z = int(m.vae.z_channels)
-    return {
-        "vae": vae,
-        "quantizer": quant,
-        "latent_scale": np.full((z,), float(m.latent_scale), np.float32),
-        "latent_shift": np.full((z,), float(m.latent_shift), np.float32),
-    }
-
-
-#: Released RobusTok ViT VQ tokenizer files (convert/robustok_vit.py).
-ROBUSTOK_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-
-
-def _released_robustok(config: Any, path: str, params_key: str) -> dict[str, Any]:
-    """A released RobusTok ViT VQ file at the config's sizes (``convert.robustok_vit``)."""
-    from tokpost_jax.convert import robustok_vit as rv
-    from tokpost_jax.convert.timm_vit import ViTImportError
-    from tokpost_jax.convert.torchscript import TorchCheckpointError
-    from tokpost_jax.models import build
-
-    which = "model" if params_key == "params" else "auto"
-    try:
-        result = rv.load_robustok(path, build.tokenizer(config), which=which)
-    except rv.RobusTokImportError as e:
-        where = first_mismatch(e.expected, e.got) if e.expected else None
-        if where is not None:
-            raise _mismatch_error(path, where) from e
-        raise WeightsError(f"--weights={e}") from e
-    except (ViTImportError, TorchCheckpointError) as e:
-        raise WeightsError(f"--weights={path}: not a RobusTok tokenizer file ({e})") from e
-    logging.info("Released RobusTok tokenizer from %s (copy %s; skipped %d teacher / statistics "
-                 "entries).", path, result.picked or "-", len(result.skipped))
-    return result.params
-
-
-#: Released LlamaGen VQ tokenizer files (convert/llamagen_vq.py).
-LLAMAGEN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
-
-
-def _released_llamagen(config: Any, path: str, params_key: str) -> dict[str, Any]:
-    """A released LlamaGen VQ file (``vq_ds16_c2i.pt``) at the config's sizes."""
-    from tokpost_jax.convert import llamagen_vq as lg
-    from tokpost_jax.convert.timm_vit import ViTImportError
-    from tokpost_jax.convert.torchscript import TorchCheckpointError
-    from tokpost_jax.models import build
-
-    which = "model" if params_key == "params" else "auto"
-    try:
-        result = lg.load_llamagen_vq(path, build.tokenizer(config), which=which)
-    except lg.LlamaGenImportError as e:
-        raise WeightsError(f"--weights={path}: {e}") from e
-    except (ViTImportError, TorchCheckpointError) as e:
-        raise WeightsError(f"--weights={path}: not a LlamaGen VQ tokenizer file ({e})") from e
-    logging.info("Released LlamaGen VQ tokenizer from %s (copy %s).", path, result.picked or "-")
-    return result.params
-
-
-def load_weights(config: Any, path: str, params_key: str = "ema_params",
-                 step: int | None = None) -> Any:
-    """Host parameters for ``config``'s tokenizer from a run directory or a CODA / RobusTok
-    release."""
-    from tokpost_jax import checkpoint as ckpt_lib
-    from tokpost_jax.convert import klvae as kc
-
-    kind = config.model.get("kind", "vit_vq")
-    if not files.exists(path):
-        raise FileNotFoundError(f"--weights={path}: no such file or directory")
-    if files.isdir(files.join(path, "checkpoints")):
-        return ckpt_lib.load_params(files.join(path, "checkpoints"), key=params_key, step=step)
-    released = kind == "coda" and (
-        files.isfile(path)
-        or any(all(files.isfile(files.join(path, f)) for f in p) for p in kc.CODA_FILES)
-    )
-    if released:
-        if params_key != "ema_params" or step is not None:
-            logging.warning("--params / --step apply to tokpost runs; a released CODA folder "
-                            "gives its EMA pair when it has one.")
-        return _released_coda(config, path)
-    if kind == "vit_vq" and files.isfile(path) and path.lower().endswith(ROBUSTOK_SUFFIXES):
-        if step is not None:
-            logging.warning("--step applies to tokpost runs, not to a RobusTok file.")
-        return _released_robustok(config, path, params_key)
-    if kind == "cnn_vq" and files.isfile(path) and path.lower().endswith(LLAMAGEN_SUFFIXES):
-        if step is not None:
-            logging.warning("--step applies to tokpost runs, not to a LlamaGen file.")
-        return _released_llamagen(config, path, params_key)
-    accepted = "a tokpost run directory (with checkpoints/)"
-    if kind == "coda":
-        accepted += (" or a released CODA checkpoint (a folder with "
-                     + " or ".join(" + ".join(p) for p in kc.CODA_FILES) + ", or one file)")
-    elif kind == "cnn_vq":
-        accepted += (" or a released LlamaGen VQ tokenizer file (" + ", ".join(LLAMAGEN_SUFFIXES)
-                     + ")")
-    elif kind == "vit_vq":
-        accepted += (" or a released RobusTok tokenizer file (" + ", ".join(ROBUSTOK_SUFFIXES)
-                     + ")")
-    raise WeightsError(f"--weights={path}: not a kind this command reads; it takes {accepted}")
+# The dispatcher lives in convert/tokenizer_weights.py (the layer that knows formats); these names
+# stay importable from this command for its callers.
+__all__ = ["LLAMAGEN_SUFFIXES", "ROBUSTOK_SUFFIXES", "WeightsError", "first_mismatch",
+           "load_weights", "read_images", "reconstruct", "write_npz"]
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -312,12 +144,10 @@ def reconstruct(
     size = int(config.data.image_size)
     model = build.tokenizer(config)
     host = load_weights(config, weights, params_key, step)
+    check_fits(config, host, weights)
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
     )
-    where = first_mismatch(_shapes(abstract), _shapes(host))
-    if where is not None:
-        raise _mismatch_error(weights, where)
     rules = shd.rules_tuple(config.sharding_rules)
     mesh = shd.make_mesh(config.mesh)
     split = shd.batch_split_size(mesh, rules)

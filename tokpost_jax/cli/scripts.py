@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "tokpost-aot-compile": "tokpost_jax.cli.aot_compile",
     "tokpost-score": "tokpost_jax.cli.score",
     "tokpost-export": "tokpost_jax.cli.export",
+    "tokpost-pfid-table": "tokpost_jax.cli.pfid_table",
 }
 
 
@@ -84,3 +85,7 @@ def score() -> None:
 
 def export() -> None:
     run_module(COMMANDS["tokpost-export"])
+
+
+def pfid_table() -> None:
+    run_module(COMMANDS["tokpost-pfid-table"])
