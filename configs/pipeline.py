@@ -20,6 +20,26 @@ Variants:
             (RobusTok's recipe; 2.7× RAR's 256 tokens, so ~3× its step cost) → gFID →
             σ = 0.7 pairs from 200k train images → decoder-LoRA post-training (40 epochs) → gFID.
 
+  cnn_vq_demo
+            post-training an off-the-shelf tokenizer: a CNN VQ of LlamaGen's layout
+            (configs/cnn_vq.py:demo, 4×4 tokens over 512 codes) trained briefly in-project on
+            MNIST with LlamaGen's objective (no latent perturbation) → rFID/pFID → the tiny RAR
+            → gFID → σ = 0.9 pairs (the paper's LlamaGen finding, robustok.md §9.5) → decoder +
+            post_quant_conv post-training → gFID. CPU, ~18 min measured on 2 shared cores.
+  cnn_vq_micro
+            the same at toy size; used by the tests.
+  cnn_vq_imagenet
+            the same on LlamaGen's released VQ-16 (configs/cnn_vq.py:llamagen_vq16), imported
+            from vq_ds16_c2i.pt (``tokenizer_weights``): no tokenizer training; ten-crop
+            pretokenize → RAR-B → gFID → σ = 0.9 pairs from 200k train images → 10 epochs of
+            decoder post-training (the discriminator starts fresh: the file has none) → gFID.
+
+``tokenizer_weights`` (every variant): a released tokenizer file, or another run's directory,
+that the tokenizer stage imports instead of training (cli/reconstruct.py's ``load_weights``
+reads it: LlamaGen VQ ``.pt`` / ``.safetensors`` for cnn_vq, RobusTok files for vit_vq, CODA
+releases); the stage writes it as its checkpoint, so every later stage reads it as it would a
+trained one. A file brings no discriminator: set ``post_train.post.reuse_discriminator=False``.
+
 Each part is the stage's own config (configs/tokenizer.py, rar.py, post_train.py); the pipeline
 fills in what links them (directories, the tokenizer architecture, the gFID reference), so the
 sub-configs here omit those fields.
@@ -33,6 +53,16 @@ COMMAND (ImageNet on a pod; add the weight files and the dataset location):
       --config.tokenizer.semantic.teacher_weights=dinov2_vitb14.safetensors \
       --config.generator.gfid.num_reference=50000
 
+COMMAND (a CNN VQ tokenizer of LlamaGen's layout, trained in-project on MNIST, CPU):
+  python -m tokpost_jax.pipeline --config=configs/pipeline.py:cnn_vq_demo \
+      --workdir=runs/pipeline_cnn_vq_demo
+
+COMMAND (LlamaGen's released VQ-16 post-trained; the tokenizer is the file, not trained):
+  python -m tokpost_jax.pipeline --config=configs/pipeline.py:cnn_vq_imagenet \
+      --workdir=gs://b/llamagen_robustok --config.tokenizer_weights=/weights/vq_ds16_c2i.pt \
+      --config.tokenizer.data.data_dir=gs://b/tfds \
+      --config.generator.gfid.reference=/weights/VIRTUAL_imagenet256_labeled.npz
+
 COMMAND (CODA ImageNet; the VAE is MAR's kl16 file, CODA's own starting point):
   python -m tokpost_jax.pipeline --config=configs/pipeline.py:coda_imagenet \
       --workdir=gs://b/coda_robustok --config.tokenizer.data.data_dir=gs://b/tfds \
@@ -44,17 +74,77 @@ COMMAND (CODA ImageNet; the VAE is MAR's kl16 file, CODA's own starting point):
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from tokpost_jax import config_lib
 
-VARIANTS = ("demo", "micro", "imagenet", "coda_demo", "coda_micro", "coda_imagenet")
+VARIANTS = ("demo", "micro", "imagenet", "coda_demo", "coda_micro", "coda_imagenet",
+            "cnn_vq_demo", "cnn_vq_micro", "cnn_vq_imagenet")
 
 
 def _common(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
     c.mesh = config_lib.mesh()
     c.sharding_rules = config_lib.DEFAULT_SHARDING_RULES
     c.num_grid_images = 8 if arg.endswith("micro") else 40
+    # A tokenizer file or run directory the tokenizer stage imports instead of training.
+    if "tokenizer_weights" not in c:
+        c.tokenizer_weights = config_dict.placeholder(str)
     return c
+
+
+def cnn_vq_pipeline(arg: str) -> ml_collections.ConfigDict:
+    """An off-the-shelf CNN VQ tokenizer (LlamaGen's layout) → … → post-training at σ = 0.9."""
+    micro, paper = arg == "cnn_vq_micro", arg == "cnn_vq_imagenet"
+    c = ml_collections.ConfigDict()
+    c.tokenizer = config_lib.sibling_config(
+        __file__, "cnn_vq", "llamagen_vq16" if paper else "micro" if micro else "demo")
+    c.generator = config_lib.sibling_config(
+        __file__, "rar", "rar_b" if paper else "micro" if micro else "demo")
+    # σ lives in post_train.post.sigma; these variants set it to 0.9, the paper's finding that
+    # LlamaGen's tokenizer needs σ ≥ 0.9 (robustok.md §9.5).
+    c.post_train = config_lib.sibling_config(__file__, "post_train", arg)
+    c.pretokenize = ml_collections.ConfigDict(
+        dict(mode="ten_crop" if paper else "center", batch_size=1024 if paper else
+             16 if micro else 100))
+    del c.generator.tokenizer
+    del c.post_train.model
+    del c.post_train.eval_data
+    c.tokenizer.fid_eval.pfid = True  # the pipeline reports pFID
+    if paper:
+        # The released file is the tokenizer; ImageNet as configs/robustok_imagenet.py reads it.
+        imagenet = config_lib.sibling_config(__file__, "robustok_imagenet")
+        c.tokenizer.data = imagenet.data
+        c.tokenizer.fid_eval = imagenet.fid_eval
+        c.tokenizer.update(batch_size=imagenet.batch_size, eval_batch_size=imagenet.eval_batch_size)
+        c.tokenizer_weights = config_dict.placeholder(str)  # vq_ds16_c2i.pt
+        c.uniform_token_baseline = True
+        c.gfid_raw_decoder = True
+        return _common(c, arg)
+    if micro:
+        # The micro CNN VQ with micro_gan's PatchGAN, so post-training reuses a discriminator.
+        c.tokenizer.gan.update(enabled=True, start=10, patch_channels=8)
+        c.tokenizer.fid_eval.update(num_images=16, batch_size=16)
+        c.tokenizer.pfid.update(alphas=(0.9, 0.5), deltas_at_16384=(512, 1024))
+        c.generator.gfid.update(num_samples=32, num_reference=32, batch_size=16)
+    else:  # sized for ~15 min on 2 CPU cores, as the demo variant
+        c.tokenizer.total_steps = 600
+        c.tokenizer.gan.start = 200
+        c.tokenizer.eval_every_steps = 600
+        c.tokenizer.checkpoint_every_steps = 200
+        c.tokenizer.data.num_eval_examples = 200
+        c.tokenizer.fid_eval.update(num_images=32, batch_size=32)
+        c.generator.total_steps = 800
+        c.generator.randomness.update(anneal_start=200, anneal_end=600)
+        c.generator.eval_every_steps = 800
+        c.generator.gfid.update(num_samples=250, num_reference=250, batch_size=50)
+        c.post_train.total_steps = 200
+        c.post_train.eval_every_steps = 200
+        c.post_train.checkpoint_every_steps = 100
+        c.post_train.eval_at_start = False  # step 0 is the main tokenizer, evaluated already
+        c.post_train.post.num_images = 2_000
+    c.uniform_token_baseline = True
+    c.gfid_raw_decoder = micro
+    return _common(c, arg)
 
 
 def coda_imagenet_pipeline() -> ml_collections.ConfigDict:
@@ -120,6 +210,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     if arg.startswith("coda"):
         return coda_pipeline(arg)
+    if arg.startswith("cnn_vq"):
+        return cnn_vq_pipeline(arg)
     if arg == "imagenet":
         c.tokenizer = config_lib.sibling_config(__file__, "robustok_imagenet")
         c.generator = config_lib.sibling_config(__file__, "rar", "rar_b")

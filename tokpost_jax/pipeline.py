@@ -10,6 +10,11 @@ work since the last checkpoint or shard.
 COMMAND (demo, CPU):
   python -m tokpost_jax.pipeline --config=configs/pipeline.py:demo --workdir=runs/pipeline_demo
 
+With ``tokenizer_weights`` set (a released tokenizer file such as LlamaGen's ``vq_ds16_c2i.pt``,
+or another run's directory) the tokenizer stage imports it instead of training: it writes the
+imported weights as the stage's checkpoint (``params`` and ``ema_params``), so every later stage
+reads an imported tokenizer exactly as a trained one, through the tokenizer interface.
+
 Writes ``<workdir>/results.md`` and ``results.json`` (rFID, pFID, gFID / sFID / precision /
 recall without and with post-training) and ``<workdir>/samples_before_after.png``.
 """
@@ -109,6 +114,15 @@ class Pipeline:
         p.data.image_size = tok.data.image_size
         p.init_from.workdir = self.dir("tokenizer")
         p.data.data_dir = self.dir("pairs")
+        self.tokenizer_weights = config.get("tokenizer_weights") or None
+        if self.tokenizer_weights and p.post.get("reuse_discriminator"):
+            from tokpost_jax.config_checks import ConfigValueError
+
+            raise ConfigValueError(
+                "post_train.post.reuse_discriminator", True, "must be False with "
+                f"tokenizer_weights={self.tokenizer_weights}: an imported tokenizer brings no "
+                "discriminator to reuse, so post-training starts it fresh",
+            )
         self.mesh = shd.make_mesh(config.mesh)
         self.rules = shd.rules_tuple(config.sharding_rules)
 
@@ -138,7 +152,34 @@ class Pipeline:
         return self._train(self.vae, "vae")
 
     def train_tokenizer(self) -> dict:
+        if self.tokenizer_weights:
+            return self.import_tokenizer(self.tokenizer_weights)
         return self._train(self.tokenizer, "tokenizer")
+
+    def import_tokenizer(self, path: str) -> dict:
+        """The tokenizer stage from a file: ``path``'s weights (read by
+        ``convert.tokenizer_weights``, checked against the config's sizes) written as the
+        stage's step-0 checkpoint; the file's EMA copy is ``ema_params`` where it has one."""
+        from tokpost_jax.convert import tokenizer_weights as tw
+
+        flag = "--config.tokenizer_weights"
+        source = tw.weights_source(self.tokenizer, path, flag)
+        trees = {key: tw.load_weights(self.tokenizer, path, key, flag=flag)
+                 for key in ("params", "ema_params")}
+        for tree in trees.values():
+            tw.check_fits(self.tokenizer, tree, path, flag)
+        checkpointer = ckpt_lib.Checkpointer(
+            files.join(self.dir("tokenizer"), "checkpoints"), asynchronous=False
+        )
+        try:
+            checkpointer.save(
+                0, {"step": np.zeros((), np.int32), **trees}, {},
+                {"tokenizer_weights": path, "model": self.tokenizer.model.to_dict()},
+            )
+        finally:
+            checkpointer.close()
+        count = sum(int(np.size(x)) for x in jax.tree.leaves(trees["ema_params"]))
+        return {"imported": path, "source": source, "num_params": count}
 
     def evaluate_tokenizer(self) -> dict:
         from tokpost_jax.metrics.tokenizer import evaluate_checkpoint
