@@ -110,12 +110,15 @@ class Attention(nn.Module):
     Without a cache it attends causally within ``x``. With a cache ``(keys, values)`` of length S,
     ``x`` holds the slots ``index … index + L − 1``: their keys/values are written into the cache
     and each query attends to cache slots up to its own, so prefill and decode share one path.
+    ``causal=False`` drops the mask (every slot sees every slot): the bidirectional attention of
+    the latent diffusion transformer (models/diffusion.py), which has no cache.
     """
 
     num_heads: int
     dropout: float
     attn_dropout: float
     dtype: Any
+    causal: bool = True
 
     @nn.compact
     def __call__(
@@ -125,6 +128,8 @@ class Attention(nn.Module):
         cache: tuple[jax.Array, jax.Array] | None = None,
         index: jax.Array | int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs causal attention")
         batch, length, width = x.shape
         head_dim = width // self.num_heads
         qkv = _dense(3 * width, ("embed", "qkv"), self.dtype, "qkv")(x)
@@ -147,8 +152,9 @@ class Attention(nn.Module):
             key_pos = jnp.arange(keys.shape[1])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, keys.astype(q.dtype)).astype(jnp.float32)
         scores = scores * head_dim**-0.5
-        mask = key_pos[None, :] <= query_pos[:, None]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        if self.causal:
+            mask = key_pos[None, :] <= query_pos[:, None]
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(self.attn_dropout)(probs, deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), values.astype(self.dtype))
@@ -158,13 +164,18 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN block with adaLN-Zero: 6 modulation vectors (shift/scale/gate ×2) per slot."""
+    """Pre-LN block with adaLN-Zero: 6 modulation vectors (shift/scale/gate ×2) per slot.
+
+    ``c`` is [B, L, W] (one condition per slot) or [B, 1, W] (one per sequence, as in DiT);
+    ``causal`` is the attention's (False: bidirectional).
+    """
 
     num_heads: int
     mlp_dim: int
     dropout: float
     attn_dropout: float
     dtype: Any
+    causal: bool = True
 
     @nn.compact
     def __call__(
@@ -182,9 +193,9 @@ class Block(nn.Module):
         )
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
         h = _modulate(_layer_norm("norm1", self.dtype)(x), shift_a, scale_a)
-        h, kv = Attention(self.num_heads, self.dropout, self.attn_dropout, self.dtype, name="attn")(
-            h, deterministic, cache, index
-        )
+        h, kv = Attention(
+            self.num_heads, self.dropout, self.attn_dropout, self.dtype, self.causal, name="attn"
+        )(h, deterministic, cache, index)
         x = x + gate_a * h
         h = _modulate(_layer_norm("norm2", self.dtype)(x), shift_m, scale_m)
         h = _dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(h)
