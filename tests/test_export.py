@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+from test_reconstruct import exit_line as reconstruct_exit_line
 from test_reconstruct import save_run, seeded_params
 from test_robustok_convert import config_for
 from test_robustok_convert import golden as robustok_golden
 
-from tokpost_jax import cli
 from tokpost_jax import sharding as shd
 from tokpost_jax.cli import export
 from tokpost_jax.config_lib import load_config_file
@@ -240,16 +240,7 @@ def command(*args: str) -> subprocess.CompletedProcess:
 
 
 def exit_line(capsys, fl) -> str:
-    """``main`` under the command's error path: the one ``error:`` line of an exit-1."""
-    with pytest.raises(SystemExit) as e:
-        try:
-            export.main(fl)
-        except cli.user_errors() as err:
-            cli.exit_with(err)
-    assert e.value.code == 1
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, lines
-    return lines[0]
+    return reconstruct_exit_line(capsys, fl, export.main)
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,11 @@ import types
 import numpy as np
 import pytest
 from test_llamagen_convert import official_sd
+from test_reconstruct import exit_line as reconstruct_exit_line
 from test_reconstruct import save_run, seeded_params
 from test_timm_vit import write_torch_zip
 
-from tokpost_jax import cli, config_lib
+from tokpost_jax import config_lib
 from tokpost_jax.checkpoint import load_params
 from tokpost_jax.cli import pfid_table
 from tokpost_jax.convert import inception_weights as iw
@@ -202,16 +203,7 @@ def test_neighbours_flag_sets_every_row(sources):
 
 
 def exit_line(capsys, fl) -> str:
-    """``main`` under the command's error path: the one ``error:`` line of an exit-1."""
-    with pytest.raises(SystemExit) as e:
-        try:
-            pfid_table.main(fl)
-        except cli.user_errors() as err:
-            cli.exit_with(err)
-    assert e.value.code == 1
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, lines
-    return lines[0]
+    return reconstruct_exit_line(capsys, fl, pfid_table.main)
 
 
 def test_bad_rows_are_one_line(sources, tmp_path, capsys):

@@ -184,11 +184,12 @@ def test_released_coda_file_gives_the_tokens_of_its_params(coda, released, image
     check_output(read_out(out), *coda.want, [1, 2, 4, 8])
 
 
-def exit_line(capsys, fl) -> str:
-    """``main`` under the command's error path: the one ``error:`` line of an exit-1."""
+def exit_line(capsys, fl, main=None) -> str:
+    """A command's ``main`` (default: reconstruct's) under the command's error path: the one
+    ``error:`` line of an exit-1."""
     with pytest.raises(SystemExit) as e:
         try:
-            reconstruct.main(fl)
+            (main or reconstruct.main)(fl)
         except cli.user_errors() as err:
             cli.exit_with(err)
     assert e.value.code == 1
