@@ -252,7 +252,12 @@ def state_digest(state: Any) -> dict[str, tuple[int, int]]:
     replicated = None  # replicated output: every host can read every leaf's result
     if isinstance(sharding, jax.sharding.NamedSharding):
         replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    out = _jitted_digest(replicated)(leaves)
+        # On the leaves' own mesh: a caller's context mesh may span other devices (a job on
+        # part of the machine reading a checkpoint restored over all of it).
+        with jax.set_mesh(sharding.mesh):
+            out = _jitted_digest(replicated)(leaves)
+    else:
+        out = _jitted_digest(replicated)(leaves)
     values = np.asarray(jax.device_get(out))
     return {name: (int(v[0]), int(v[1])) for (name, _), v in zip(named, values, strict=True)}
 
