@@ -95,7 +95,7 @@ def test_warning_for_an_imagenet_fid_on_fewer_than_50k_samples(caplog):
 def test_gfid_warns_on_imagenet_with_few_samples(monkeypatch, caplog):
     """GenerationEvaluator._score warns before sampling (the sampling itself is stubbed)."""
     ev = object.__new__(generation.GenerationEvaluator)
-    ev.generator = types.SimpleNamespace(num_classes=1000)
+    ev.num_classes = 1000
     ev.data_name, ev.frechet_method = "imagenet2012", "eigh"
     ev.extractor = types.SimpleNamespace(
         new_activations=lambda keep_rows: types.SimpleNamespace(count=64)

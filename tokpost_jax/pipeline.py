@@ -249,7 +249,7 @@ class Pipeline:
             for name, tok_params in decoders.items():
                 metrics, samples = ev.run(
                     gen_params, num_samples=self.generator.gfid.num_samples,
-                    tokenizer_params=None if tok_params is None
+                    decoder_params=None if tok_params is None
                     else jax.device_put(tok_params, shd.replicated(self.mesh)),
                 )
                 out[name] = metrics
@@ -264,7 +264,7 @@ class Pipeline:
                         files.join(self.dir(stage), f"samples_{name}.png"),
                     )
             if stage == "gfid_before" and self.config.uniform_token_baseline:
-                out["uniform_tokens"], _ = ev.run_uniform_tokens(
+                out["uniform_tokens"], _ = ev.run_floor(
                     num_samples=self.generator.gfid.num_samples
                 )
         return out

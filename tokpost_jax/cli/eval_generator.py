@@ -53,7 +53,7 @@ def evaluate_generator(
         metrics, samples = ev.run(params, num_samples=config.gfid.num_samples)
         result = {"params": key, **metrics}
         if baseline:
-            base, _ = ev.run_uniform_tokens(num_samples=config.gfid.num_samples)
+            base, _ = ev.run_floor(num_samples=config.gfid.num_samples)
             result.update({f"uniform_tokens/{k}": v for k, v in base.items()})
     if jax.process_index() == 0:
         buffer = io.BytesIO()

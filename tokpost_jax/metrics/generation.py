@@ -1,15 +1,22 @@
-"""gFID: sample class-balanced images with the generator, decode them, score against a reference.
+"""gFID: sample class-balanced images with a generator, decode them, score against a reference.
 
 Labels are ``i mod num_classes`` for sample i (50 per class for 50k ImageNet samples, as RAR's
-sampling script). Each fixed-size batch is sampled (KV cache, CFG schedule), decoded with the
-tokenizer and quantized to uint8 inside one jitted function on the mesh; the uint8 images go
-through the Inception network and come back to the host, where FID, sFID, precision/recall and
-(with logits) IS are computed against the reference activations.
+sampling script). Each fixed-size batch is sampled, decoded and quantized to uint8 inside one
+jitted function on the mesh; the uint8 images go through the Inception network and come back to
+the host, where FID, sFID, precision/recall and (with logits) IS are computed against the
+reference activations.
+
+One evaluator serves every generator: it takes an image function ``(generator params, decoder
+params, labels, rng) → images in [-1, 1]``. :func:`rar_images` is the RAR one (KV-cache sampler,
+CFG schedule, tokenizer decode), :func:`diffusion_images` the latent flow one (ODE sampler with
+CFG, VAE decode). The decoder parameters are an argument, so post-trained decoders are scored on
+the very samples the main decoder was (same seed, same tokens or latents).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tokpost_jax import files, sampling
+from tokpost_jax import files, sampling, sampling_ode
 from tokpost_jax import images as images_lib
 from tokpost_jax import sharding as shd
 from tokpost_jax.checkpoint import load_params
@@ -25,11 +32,77 @@ from tokpost_jax.metrics import features as features_lib
 from tokpost_jax.metrics import reference as ref_lib
 from tokpost_jax.metrics.progress import Progress, warn_if_few_samples
 from tokpost_jax.models import build
+from tokpost_jax.models.diffusion import LatentDiT, to_vae_space
 from tokpost_jax.models.generator import RAR
+
+#: (generator params, decoder params, labels [B], rng) → decoded images [B, S, S, 3] in [-1, 1].
+ImageFn = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
+#: (decoder params, labels [B], rng) → images of structureless codes: the floor to beat.
+FloorFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
     return (np.arange(num_samples) % num_classes).astype(np.int32)
+
+
+def rar_images(generator: RAR, tokenizer: nn.Module, sampling_cfg: Any) -> ImageFn:
+    """RAR tokens (KV cache, CFG schedule) decoded by the tokenizer."""
+    s = sampling_cfg
+
+    def images(gen_params: Any, tok_params: Any, labels: jax.Array, rng: jax.Array):
+        tokens = sampling.sample(
+            generator, {"params": gen_params}, labels, rng,
+            guidance=float(s.guidance), power=float(s.power), temperature=float(s.temperature),
+            top_k=int(s.top_k), top_p=float(s.top_p),
+        )
+        return tokenizer.apply({"params": tok_params}, tokens, method="decode")
+
+    return images
+
+
+def uniform_tokens(generator: RAR, tokenizer: nn.Module) -> FloorFn:
+    """I.i.d. uniform tokens decoded by the tokenizer: what the decoder alone makes of
+    structureless codes."""
+    n, k = generator.num_tokens, generator.codebook_size
+
+    def images(tok_params: Any, labels: jax.Array, rng: jax.Array):
+        tokens = jax.random.randint(rng, (labels.shape[0], n), 0, k)
+        return tokenizer.apply({"params": tok_params}, tokens, method="decode")
+
+    return images
+
+
+def diffusion_images(
+    model: LatentDiT, vae: nn.Module, latent_cfg: Any, sampling_cfg: Any
+) -> ImageFn:
+    """Latents from N(0, I) integrated by the ODE sampler with CFG, mapped to the VAE's units
+    (``latent.scale`` / ``shift``) and decoded by the VAE."""
+    s, lat = sampling_cfg, latent_cfg
+    shape = tuple(int(d) for d in lat.shape)
+
+    def images(gen_params: Any, vae_params: Any, labels: jax.Array, rng: jax.Array):
+        x = sampling_ode.sample(
+            model, {"params": gen_params}, labels, rng, latent_shape=shape,
+            num_steps=int(s.num_steps), method=str(s.method), guidance=float(s.guidance),
+        )
+        z = to_vae_space(x, float(lat.scale), float(lat.shift))
+        return vae.apply({"params": vae_params}, z, method="decode")
+
+    return images
+
+
+def gaussian_latents(vae: nn.Module, latent_cfg: Any) -> FloorFn:
+    """N(0, I) model-space latents decoded unchanged: the continuous analogue of uniform tokens
+    (the latent prior with no generator at all)."""
+    lat = latent_cfg
+    shape = tuple(int(d) for d in lat.shape)
+
+    def images(vae_params: Any, labels: jax.Array, rng: jax.Array):
+        x = jax.random.normal(rng, (labels.shape[0], *shape))
+        z = to_vae_space(x, float(lat.scale), float(lat.shift))
+        return vae.apply({"params": vae_params}, z, method="decode")
+
+    return images
 
 
 class GenerationEvaluator:
@@ -37,46 +110,41 @@ class GenerationEvaluator:
 
     def __init__(
         self,
-        generator: RAR,
-        tokenizer: nn.Module,
-        tokenizer_params: Any,
+        images: ImageFn,
+        decoder_params: Any,
+        num_classes: int,
         extractor: features_lib.InceptionExtractor,
-        sampling_cfg: ml_collections.ConfigDict,
         reference: Any,
         *,
         seed: int,
         frechet_method: str = "eigh",
         data_name: str | None = None,
+        floor: FloorFn | None = None,
     ):
-        """``reference``: Activations, or a zero-argument callable returning them (computed on
-        first use, so a run that never reaches gFID never pays for the reference);
-        ``data_name``: the dataset the samples imitate (an ImageNet gFID on fewer than 50k
-        samples is warned about)."""
-        self.generator = generator
-        self.tokenizer = tokenizer
+        """``images``: see :data:`ImageFn` (e.g. :func:`rar_images`); ``decoder_params``: the
+        decoder weights used unless a call passes others; ``reference``: Activations, or a
+        zero-argument callable returning them (computed on first use, so a run that never reaches
+        gFID never pays for the reference); ``data_name``: the dataset the samples imitate (an
+        ImageNet gFID on fewer than 50k samples is warned about); ``floor``: the structureless
+        baseline of :meth:`run_floor` (e.g. :func:`uniform_tokens`)."""
+        self.num_classes = int(num_classes)
         self.extractor = extractor
-        self.sampling = sampling_cfg
         self._reference = reference
         self.seed = seed
         self.frechet_method = frechet_method
         self.data_name = data_name
-        repl = shd.replicated(extractor.mesh)
-        self.tokenizer_params = jax.device_put(tokenizer_params, repl)
-        self._images = jax.jit(self._images_fn, out_shardings=extractor.batch_sharding)
+        self.decoder_params = jax.device_put(decoder_params, shd.replicated(extractor.mesh))
+        out = extractor.batch_sharding
+        self._images = jax.jit(
+            lambda g, d, y, r: features_lib.quantize_uint8(images(g, d, y, r)), out_shardings=out
+        )
+        self._floor = None if floor is None else jax.jit(
+            lambda d, y, r: features_lib.quantize_uint8(floor(d, y, r)), out_shardings=out
+        )
 
     @functools.cached_property
     def reference(self) -> features_lib.Activations:
         return self._reference() if callable(self._reference) else self._reference
-
-    def _images_fn(self, gen_params: Any, tok_params: Any, labels: jax.Array, rng: jax.Array):
-        s = self.sampling
-        tokens = sampling.sample(
-            self.generator, {"params": gen_params}, labels, rng,
-            guidance=float(s.guidance), power=float(s.power), temperature=float(s.temperature),
-            top_k=int(s.top_k), top_p=float(s.top_p),
-        )
-        decoded = self.tokenizer.apply({"params": tok_params}, tokens, method="decode")
-        return features_lib.quantize_uint8(decoded)
 
     def _render(
         self, image_fn: Any, labels: np.ndarray, seed: int, acts: Any = None,
@@ -100,7 +168,7 @@ class GenerationEvaluator:
         return np.concatenate(kept)
 
     def _score(self, image_fn: Any, num_samples: int, seed: int):
-        labels = balanced_labels(num_samples, self.generator.num_classes)
+        labels = balanced_labels(num_samples, self.num_classes)
         acts = self.extractor.new_activations(keep_rows=True)
         warn_if_few_samples(self.data_name, num_samples, "gFID")
         samples = self._render(image_fn, labels, seed, acts, Progress("gFID samples", num_samples))
@@ -108,41 +176,39 @@ class GenerationEvaluator:
         metrics["num_samples"] = float(acts.count)
         return metrics, samples
 
+    def _decoder(self, decoder_params: Any) -> Any:
+        return self.decoder_params if decoder_params is None else decoder_params
+
     def sample_images(
-        self, gen_params: Any, labels: np.ndarray, tokenizer_params: Any = None
+        self, gen_params: Any, labels: np.ndarray, decoder_params: Any = None
     ) -> np.ndarray:
         """uint8 [n, S, S, 3] samples for ``labels``."""
-        tok = self.tokenizer_params if tokenizer_params is None else tokenizer_params
-        return self._render(lambda y, r: self._images(gen_params, tok, y, r), labels, self.seed)
+        dec = self._decoder(decoder_params)
+        return self._render(lambda y, r: self._images(gen_params, dec, y, r), labels, self.seed)
 
     def run(
-        self, gen_params: Any, *, num_samples: int, tokenizer_params: Any = None
+        self, gen_params: Any, *, num_samples: int, decoder_params: Any = None
     ) -> tuple[dict[str, float], np.ndarray]:
         """(gFID/sFID/precision/recall[/IS], uint8 samples) of ``num_samples`` balanced samples.
 
-        ``tokenizer_params`` replaces the decoder weights (e.g. after post-training); the same
-        seed then gives the same tokens, so two decoders are compared on identical samples.
+        ``decoder_params`` replaces the decoder weights (e.g. after post-training); the same
+        seed then gives the same tokens or latents, so two decoders are compared on identical
+        samples.
         """
-        tok = self.tokenizer_params if tokenizer_params is None else tokenizer_params
+        dec = self._decoder(decoder_params)
         return self._score(
-            lambda y, r: self._images(gen_params, tok, y, r), num_samples, self.seed
+            lambda y, r: self._images(gen_params, dec, y, r), num_samples, self.seed
         )
 
-    def run_uniform_tokens(
-        self, *, num_samples: int, tokenizer_params: Any = None
+    def run_floor(
+        self, *, num_samples: int, decoder_params: Any = None
     ) -> tuple[dict[str, float], np.ndarray]:
-        """The same metrics for i.i.d. uniform tokens decoded by the tokenizer: the floor a
-        generator must beat (it shows what the decoder alone makes of structureless codes)."""
-        tok = self.tokenizer_params if tokenizer_params is None else tokenizer_params
-        n, k = self.generator.num_tokens, self.generator.codebook_size
-
-        def decode(params, labels, rng):
-            tokens = jax.random.randint(rng, (labels.shape[0], n), 0, k)
-            images = self.tokenizer.apply({"params": params}, tokens, method="decode")
-            return features_lib.quantize_uint8(images)
-
-        fn = jax.jit(decode, out_shardings=self.extractor.batch_sharding)
-        return self._score(lambda y, r: fn(tok, y, r), num_samples, self.seed + 1)
+        """The same metrics for the structureless baseline (``floor``) decoded by the decoder:
+        the floor a generator must beat."""
+        if self._floor is None:
+            raise ValueError("this evaluator was built without a floor function")
+        floor, dec = self._floor, self._decoder(decoder_params)
+        return self._score(lambda y, r: floor(dec, y, r), num_samples, self.seed + 1)
 
     def grid(self, samples: np.ndarray) -> np.ndarray:
         ncols = int(np.ceil(np.sqrt(max(len(samples), 1))))
@@ -161,21 +227,32 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str | None = None
     return build.tokenizer(config.tokenizer), params
 
 
-def reference_loader(config: ml_collections.ConfigDict, extractor: features_lib.InceptionExtractor):
+def reference_loader(
+    gfid_cfg: ml_collections.ConfigDict,
+    data_cfg: ml_collections.ConfigDict,
+    extractor: features_lib.InceptionExtractor,
+):
     """A callable giving the gFID reference: ``gfid.reference`` (ADM ``.npz``) if set, else the
-    first ``gfid.num_reference`` images of the tokenizer data's eval split."""
-    g = config.gfid
+    first ``gfid.num_reference`` images of ``data_cfg``'s eval split (the images the generator's
+    tokenizer or VAE was trained on)."""
+    g = gfid_cfg
 
     def load() -> features_lib.Activations:
         if g.reference:
             return ref_lib.read_reference(g.reference, extractor)
-        data = config.tokenizer.data
         acts, _ = ref_lib.split_reference(
-            data, data.eval_split, extractor, num_images=g.num_reference
+            data_cfg, data_cfg.eval_split, extractor, num_images=g.num_reference
         )
         return acts
 
     return load
+
+
+def _extractor(config: ml_collections.ConfigDict, mesh: Any) -> features_lib.InceptionExtractor:
+    return features_lib.InceptionExtractor(
+        mesh, shd.rules_tuple(config.sharding_rules), batch_size=config.gfid.batch_size,
+        weights_path=config.gfid.inception_weights,
+    )
 
 
 def evaluator_from_config(
@@ -184,13 +261,29 @@ def evaluator_from_config(
     mesh: Any,
     tokenizer_workdir: str | None = None,
 ) -> GenerationEvaluator:
-    rules = shd.rules_tuple(config.sharding_rules)
+    """The RAR generator's evaluator (configs/rar.py): its tokenizer decodes the samples."""
     tokenizer, tok_params = load_tokenizer(config, tokenizer_workdir)
-    extractor = features_lib.InceptionExtractor(
-        mesh, rules, batch_size=config.gfid.batch_size, weights_path=config.gfid.inception_weights
-    )
+    extractor = _extractor(config, mesh)
     return GenerationEvaluator(
-        generator, tokenizer, tok_params, extractor, config.sampling,
-        reference_loader(config, extractor), seed=config.gfid.seed,
+        rar_images(generator, tokenizer, config.sampling), tok_params,
+        generator.num_classes, extractor,
+        reference_loader(config.gfid, config.tokenizer.data, extractor), seed=config.gfid.seed,
         frechet_method=config.gfid.frechet_method, data_name=config.tokenizer.data.name,
+        floor=uniform_tokens(generator, tokenizer),
+    )
+
+
+def diffusion_evaluator_from_config(
+    config: ml_collections.ConfigDict, model: LatentDiT, vae_params: Any, mesh: Any
+) -> GenerationEvaluator:
+    """The latent flow generator's evaluator (configs/diffusion.py): ``vae_params`` (the frozen
+    KL-VAE's, or a post-trained decoder's) decode the sampled latents."""
+    vae = build.latent_vae(config)
+    extractor = _extractor(config, mesh)
+    return GenerationEvaluator(
+        diffusion_images(model, vae, config.latent, config.sampling), vae_params,
+        model.num_classes, extractor,
+        reference_loader(config.gfid, config.data, extractor), seed=config.gfid.seed,
+        frechet_method=config.gfid.frechet_method, data_name=config.data.name,
+        floor=gaussian_latents(vae, config.latent),
     )

@@ -130,15 +130,21 @@ class GeneratorStage(Stage):
         return generation.evaluator_from_config(self.config, self.model, self.mesh)
 
     def evaluate(self, state: TrainState, step: int, frozen: Any) -> dict[str, EvalResult]:
-        """A class-balanced sample grid every eval; gFID when due (the samples ``.npz`` is written
-        by the ``eval_generator`` CLI and the pipeline, which own their output directories)."""
-        cfg = self.config
-        every = cfg.gfid.every_steps
-        params = state.ema_params if cfg.optim.ema_decay else state.params
-        ev = self.evaluator
-        if every and step > 0 and (step % every == 0 or step == self.total_steps):
-            metrics, samples = ev.run(params, num_samples=cfg.gfid.num_samples)
-            grid = ev.grid(samples[: cfg.num_grid_images])
-            return {"gfid": EvalResult(metrics, {"samples": grid})}
-        labels = np.arange(cfg.num_grid_images) % cfg.model.num_classes
-        return {"samples": EvalResult({}, {"samples": ev.grid(ev.sample_images(params, labels))})}
+        del frozen
+        params = state.ema_params if self.config.optim.ema_decay else state.params
+        return sample_results(self.config, self.evaluator, params, step, self.total_steps)
+
+
+def sample_results(
+    config: ml_collections.ConfigDict, ev: Any, params: Any, step: int, total_steps: int
+) -> dict[str, EvalResult]:
+    """A class-balanced sample grid every eval; gFID when due (the samples ``.npz`` is written
+    by the ``eval_generator`` CLI and the pipeline, which own their output directories). Shared
+    by every generator stage: ``ev`` is a metrics/generation.GenerationEvaluator."""
+    every = config.gfid.every_steps
+    if every and step > 0 and (step % every == 0 or step == total_steps):
+        metrics, samples = ev.run(params, num_samples=config.gfid.num_samples)
+        grid = ev.grid(samples[: config.num_grid_images])
+        return {"gfid": EvalResult(metrics, {"samples": grid})}
+    labels = np.arange(config.num_grid_images) % config.model.num_classes
+    return {"samples": EvalResult({}, {"samples": ev.grid(ev.sample_images(params, labels))})}
