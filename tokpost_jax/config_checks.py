@@ -417,6 +417,18 @@ def _pipeline_constant(name: str) -> Callable[[], Any]:
     return get
 
 
+def _diffusion_constant(name: str) -> Callable[[], Any]:
+    """A tuple of the diffusion model or sampler (read at check time: no jax import here)."""
+
+    def get() -> Any:
+        from tokpost_jax import sampling_ode
+        from tokpost_jax.models import diffusion
+
+        return getattr(diffusion, name, None) or getattr(sampling_ode, name)
+
+    return get
+
+
 def data_rules() -> tuple[Any, ...]:
     """A ``data`` block as tokpost_jax.data.pipeline reads it."""
 
@@ -888,6 +900,56 @@ GENERATOR_RULES: tuple[Any, ...] = (
     one_of("gfid.frechet_method", ("eigh", "sqrtm")),
 )
 
+def _latent_matches_vae(v: Any, env: Env) -> bool:
+    """[h, w, C] with h = w = image_size / the VAE's stride and C = its z_channels."""
+    mult, size, z = env.get("vae.ch_mult"), env.get("data.image_size"), env.get("vae.z_channels")
+    if not (isinstance(v, Sequence) and len(v) == 3 and all(_is_int(d) for d in v)):
+        return False
+    if not (isinstance(mult, Sequence) and _is_int(size) and _is_int(z)):
+        return True  # the VAE rules report those
+    side = size // 2 ** (len(mult) - 1)
+    return tuple(v) == (side, side, z)
+
+
+#: Latent diffusion training (tokpost_jax.train.diffusion) on a frozen KL-VAE, and its gFID.
+DIFFUSION_RULES: tuple[Any, ...] = (
+    *COMMON_RULES,
+    integer("model.num_classes", lo=1),
+    integer("model.width", lo=1),
+    integer("model.depth", lo=1),
+    integer("model.num_heads", lo=1),
+    multiple_of("model.width", "model.num_heads"),
+    integer("model.mlp_dim", lo=1),
+    integer("model.patch_size", lo=1),
+    integer("model.freq_dim", lo=2),
+    number("model.time_scale", above=0),
+    one_of("model.remat", _remat_policies),
+    equals("vae.resolution", "data.image_size"),
+    Rule("latent.shape", _latent_matches_vae,
+         lambda env: "must be [h, w, C]: data.image_size / 2^(len(vae.ch_mult) - 1) and "
+         f"vae.z_channels ({env.show('data.image_size')}, {env.show('vae.z_channels')})"),
+    Rule("latent.shape", lambda v, env: not _is_int(env.get("model.patch_size"))
+         or all(d % env.get("model.patch_size") == 0 for d in list(v)[:2]),
+         lambda env: f"must have sides divisible by {env.show('model.patch_size')}"),
+    number("latent.scale", above=0),
+    number("latent.shift"),
+    boolean("latent.sample_posterior"),
+    is_set("vae_init", "the frozen KL-VAE's weights (a configs/klvae.py run or a file)"),
+    one_of("flow.time_sampling", _diffusion_constant("TIME_SAMPLINGS")),
+    number("flow.logit_std", above=0),
+    number("flow.logit_mean"),
+    number("label_dropout", lo=0, hi=1),
+    one_of("sampling.method", _diffusion_constant("METHODS")),
+    integer("sampling.num_steps", lo=1),
+    number("sampling.guidance", lo=0),
+    integer("gfid.every_steps", lo=0),
+    integer("gfid.num_samples", lo=1, when=_runs("gfid")),
+    batch("gfid.batch_size", when=_runs("gfid")),
+    integer("gfid.num_reference", lo=1, none_ok=True),
+    integer("gfid.seed", lo=0),
+    one_of("gfid.frechet_method", ("eigh", "sqrtm")),
+)
+
 #: config.trainer → its rules. New trainers (e.g. "coda", "vae") add theirs: register_trainer.
 TRAINER_RULES: dict[str, tuple[Any, ...]] = {
     "tokenizer": TOKENIZER_RULES,
@@ -896,6 +958,7 @@ TRAINER_RULES: dict[str, tuple[Any, ...]] = {
     "coda": CODA_RULES,
     "coda_post_train": (*CODA_RULES, *POST_RULES),
     "vae": VAE_RULES,
+    "diffusion": DIFFUSION_RULES,
 }
 
 

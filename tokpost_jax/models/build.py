@@ -18,6 +18,7 @@ import ml_collections
 from tokpost_jax.models import discriminator as disc_lib
 from tokpost_jax.models.cnn_vq import CNNVQTokenizer
 from tokpost_jax.models.coda import CODATokenizer
+from tokpost_jax.models.diffusion import LatentDiT
 from tokpost_jax.models.generator import RAR
 from tokpost_jax.models.klvae import KLVAE, build_klvae
 from tokpost_jax.models.lpips import LPIPS
@@ -125,6 +126,23 @@ def vae(config: ml_collections.ConfigDict) -> KLVAE:
             f"{config.data.image_size} (the VAE places its attention by resolution)"
         )
     return build_klvae(fields, dtype=jnp.dtype(config.dtype))
+
+
+def latent_vae(config: ml_collections.ConfigDict) -> KLVAE:
+    """The frozen KL-VAE whose latents a diffusion config (configs/diffusion.py) models:
+    ``config.vae`` at ``config.data.image_size``, in ``config.dtype``."""
+    fields = config.vae.to_dict()
+    if fields.get("resolution") != config.data.image_size:
+        raise ValueError(
+            f"vae.resolution={fields.get('resolution')} must equal data.image_size="
+            f"{config.data.image_size} (the VAE places its attention by resolution)"
+        )
+    return build_klvae(fields, dtype=jnp.dtype(config.dtype))
+
+
+def diffusion(config: ml_collections.ConfigDict) -> LatentDiT:
+    """The latent flow model ``config.model`` describes, in ``config.dtype``."""
+    return LatentDiT(**config.model.to_dict(), dtype=jnp.dtype(config.dtype))
 
 
 def generator(config: ml_collections.ConfigDict) -> RAR:

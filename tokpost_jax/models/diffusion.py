@@ -149,6 +149,17 @@ class LatentDiT(nn.Module):
         return unpatchify(out, p, h, w)
 
 
+def to_model_space(z: jax.Array, scale: float, shift: float) -> jax.Array:
+    """A VAE latent in the flow model's units, ``(z − shift)·scale`` (LDM's scale_factor): the
+    model sees roughly unit-variance latents whatever the VAE's own scale."""
+    return (jnp.asarray(z, jnp.float32) - shift) * scale
+
+
+def to_vae_space(x: jax.Array, scale: float, shift: float) -> jax.Array:
+    """Inverse of :func:`to_model_space`: a model-space latent as the VAE decoder's input."""
+    return jnp.asarray(x, jnp.float32) / scale + shift
+
+
 def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """``x_t = (1 − t)·x0 + t·ε`` with per-sample t [B] (t = 0: data, t = 1: noise)."""
     t = jnp.asarray(t, jnp.float32).reshape((-1,) + (1,) * (x0.ndim - 1))

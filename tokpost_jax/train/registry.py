@@ -14,6 +14,7 @@ TRAINERS = {
     "vae": "tokpost_jax.train.vae:VAEStage",
     "coda": "tokpost_jax.train.coda:CODAStage",
     "coda_post_train": "tokpost_jax.train.post_train:CODAPostTrainStage",
+    "diffusion": "tokpost_jax.train.diffusion:DiffusionStage",
 }
 
 
