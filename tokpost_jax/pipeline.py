@@ -15,6 +15,10 @@ or another run's directory) the tokenizer stage imports it instead of training: 
 imported weights as the stage's checkpoint (``params`` and ``ema_params``), so every later stage
 reads an imported tokenizer exactly as a trained one, through the tokenizer interface.
 
+A config with a ``diffusion`` block (configs/pipeline.py:diffusion_demo) runs the paper's SDEdit
+variant for a continuous tokenizer instead (robustok.md §9.4, :class:`DiffusionPipeline`): KL-VAE
+→ gFID reference → latent flow model → gFID → SDEdit pairs at σ → decoder post-training → gFID.
+
 Writes ``<workdir>/results.md`` and ``results.json`` (rFID, pFID, gFID / sFID / precision /
 recall without and with post-training) and ``<workdir>/samples_before_after.png``.
 """
@@ -48,6 +52,10 @@ STAGES = (
     "pairs",
     "post_train",
     "gfid_after",
+)
+#: The SDEdit variant's stages (:class:`DiffusionPipeline`).
+DIFFUSION_STAGES = (
+    "vae", "reference", "diffusion", "gfid_before", "pairs", "post_train", "gfid_after",
 )
 
 
@@ -87,6 +95,9 @@ def run_stage(directory: str, name: str, fn: Callable[[], dict], what: str = "pi
 
 class Pipeline:
     """Stage configs derived from one pipeline config; every path under one workdir."""
+
+    #: (the floor row's name in gfid_before, the config flag that asks for it)
+    FLOOR = ("uniform_tokens", "uniform_token_baseline")
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
@@ -128,6 +139,16 @@ class Pipeline:
 
     def dir(self, stage: str) -> str:
         return files.join(self.workdir, stage)
+
+    @property
+    def gfid_config(self) -> ml_collections.ConfigDict:
+        """The generator's gFID settings (the reference stage writes its reference)."""
+        return self.generator.gfid
+
+    @property
+    def image_data(self) -> ml_collections.ConfigDict:
+        """The real images of the pipeline (the gFID reference is their eval split)."""
+        return self.tokenizer.data
 
     @property
     def reference_path(self) -> str:
@@ -191,13 +212,13 @@ class Pipeline:
     def make_reference(self) -> dict:
         from tokpost_jax.metrics import features, reference
 
-        g = self.generator.gfid
+        g = self.gfid_config
         if not self.own_reference:
             return {"reference": g.reference, "split": "configured file"}
         extractor = features.InceptionExtractor(
             self.mesh, self.rules, batch_size=g.batch_size, weights_path=g.inception_weights
         )
-        data = self.tokenizer.data
+        data = self.image_data
         acts, _ = reference.split_reference(
             data, data.eval_split, extractor, num_images=g.num_reference
         )
@@ -244,11 +265,12 @@ class Pipeline:
         sampler seed is fixed, so every decoder renders the same token sequences."""
         ev = self._evaluator()
         gen_params = self.generator_params()
+        num_samples = self.gfid_config.num_samples
         out: dict[str, Any] = {}
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for name, tok_params in decoders.items():
                 metrics, samples = ev.run(
-                    gen_params, num_samples=self.generator.gfid.num_samples,
+                    gen_params, num_samples=num_samples,
                     decoder_params=None if tok_params is None
                     else jax.device_put(tok_params, shd.replicated(self.mesh)),
                 )
@@ -263,10 +285,9 @@ class Pipeline:
                         ev.grid(samples[: self.config.num_grid_images]),
                         files.join(self.dir(stage), f"samples_{name}.png"),
                     )
-            if stage == "gfid_before" and self.config.uniform_token_baseline:
-                out["uniform_tokens"], _ = ev.run_floor(
-                    num_samples=self.generator.gfid.num_samples
-                )
+            floor, flag = self.FLOOR
+            if stage == "gfid_before" and self.config[flag]:
+                out[floor], _ = ev.run_floor(num_samples=num_samples)
         return out
 
     def gfid_before(self) -> dict:
@@ -307,7 +328,12 @@ class Pipeline:
             return self._run()
 
     def _run(self) -> dict:
-        steps = {
+        steps = self.step_functions()
+        results = {stage: self.run_stage(stage, steps[stage]) for stage in self.stages}
+        return self.finish(results)
+
+    def step_functions(self) -> dict[str, Callable[[], dict]]:
+        return {
             "vae": self.train_vae,
             "tokenizer": self.train_tokenizer,
             "tokenizer_eval": self.evaluate_tokenizer,
@@ -319,8 +345,13 @@ class Pipeline:
             "post_train": self.post_train,
             "gfid_after": self.gfid_after,
         }
-        results = {stage: self.run_stage(stage, steps[stage]) for stage in self.stages}
-        table = results_table(results)
+
+    def table(self, results: dict) -> str:
+        return results_table(results)
+
+    def finish(self, results: dict) -> dict:
+        """results.json, results.md and the before / after grids; prints the table."""
+        table = self.table(results)
         if jax.process_index() == 0:
             files.write_json(files.join(self.workdir, "results.json"), results)
             files.write_text(files.join(self.workdir, "results.md"), table + "\n")
@@ -348,25 +379,155 @@ class Pipeline:
                             files.join(self.workdir, "samples_before_after.png"))
 
 
+class DiffusionPipeline(Pipeline):
+    """Post-training a continuous tokenizer with a diffusion generator (robustok.md §9.4).
+
+    The KL-VAE is the tokenizer: the flow model learns its normalised latents, the SDEdit pairs
+    noise a real image's posterior mean to t = 1 − σ and integrate it back with the model, and
+    post-training teaches the VAE decoder to map those generated latents to the real images
+    (encoder and quant_conv frozen bit for bit, so the model's latents stay valid).
+    """
+
+    FLOOR = ("gaussian_latents", "gaussian_latent_baseline")
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = files.absolute(workdir)
+        self.stages = DIFFUSION_STAGES
+        v = self.vae = _copy(config.vae)
+        d = self.diffusion = _copy(config.diffusion)
+        d.vae = _copy(v.model)
+        d.vae_init = self.dir("vae")
+        d.data = _copy(v.data)
+        self.own_reference = not d.gfid.reference
+        if self.own_reference:
+            d.gfid.reference = self.reference_path
+        p = self.post = _copy(config.post_train)
+        p.model = _copy(v.model)
+        p.eval_data = _copy(v.data)
+        p.data.image_size = v.data.image_size
+        p.init_from.workdir = self.dir("vae")
+        p.data.data_dir = self.dir("pairs")
+        self.mesh = shd.make_mesh(config.mesh)
+        self.rules = shd.rules_tuple(config.sharding_rules)
+
+    @property
+    def gfid_config(self) -> ml_collections.ConfigDict:
+        return self.diffusion.gfid
+
+    @property
+    def image_data(self) -> ml_collections.ConfigDict:
+        return self.vae.data
+
+    def link_latent_scale(self, vae_result: dict) -> float:
+        """``diffusion.latent.scale``: ``latent_scale`` if set, else 1 / the VAE run's final EMA
+        val latent std (LDM's scale_factor), so the model sees unit-std latents."""
+        scale = self.config.get("latent_scale")
+        if not scale:
+            std = vae_result.get("final_eval", {}).get("val_ema/latent_std")
+            if not std or not np.isfinite(std) or std <= 0:
+                raise ckpt_lib.CheckpointError(
+                    f"{self.dir('vae')}/DONE.json has no positive final val_ema/latent_std "
+                    f"(got {std!r}); set --config.latent_scale"
+                )
+            scale = 1.0 / float(std)
+        self.diffusion.latent.scale = float(scale)
+        return float(scale)
+
+    def _run(self) -> dict:
+        steps = self.step_functions()
+        results = {"vae": self.run_stage("vae", steps["vae"])}
+        scale = self.link_latent_scale(results["vae"])
+        logging.info("Diffusion latent scale %.6g.", scale)
+        for stage in self.stages[1:]:
+            results[stage] = self.run_stage(stage, steps[stage])
+        return self.finish(results)
+
+    def step_functions(self) -> dict[str, Callable[[], dict]]:
+        return {
+            "vae": self.train_vae,
+            "reference": self.make_reference,
+            "diffusion": self.train_diffusion,
+            "gfid_before": self.gfid_before,
+            "pairs": self.make_pairs,
+            "post_train": self.post_train,
+            "gfid_after": self.gfid_after,
+        }
+
+    def train_diffusion(self) -> dict:
+        result = self._train(self.diffusion, "diffusion")
+        return {**result, "latent_scale": float(self.diffusion.latent.scale),
+                "steps": int(self.diffusion.total_steps)}
+
+    def generator_params(self) -> Any:
+        key = "ema_params" if self.diffusion.optim.ema_decay else "params"
+        return ckpt_lib.load_params(files.join(self.dir("diffusion"), "checkpoints"), key=key)
+
+    def _evaluator(self):
+        from tokpost_jax.metrics import generation
+
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            vae_params = jax.device_put(
+                self.tokenizer_params("vae"), shd.replicated(self.mesh)
+            )
+            return generation.diffusion_evaluator_from_config(
+                self.diffusion, build.diffusion(self.diffusion), vae_params, self.mesh
+            )
+
+    def make_pairs(self) -> dict:
+        from tokpost_jax.datagen.sdedit_pairs import generate_sdedit_pairs
+
+        p = self.post.post
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            result = generate_sdedit_pairs(
+                self.diffusion, self.tokenizer_params("vae"),
+                {"params": self.generator_params()}, self.dir("pairs"),
+                split=p.source_split, num_images=p.num_images, sigma=p.sigma, seed=p.seed,
+                batch_size=p.batch_size, mesh=self.mesh, rules=self.rules,
+            )
+        return {"num_records": result.num_records, "sigma": p.sigma}
+
+    def table(self, results: dict) -> str:
+        vae = results["vae"].get("final_eval", {})
+        post = results["post_train"].get("final_eval", {})
+        n = int(self.vae.data.num_eval_examples or 0)
+        lines = [
+            f"KL-VAE: EMA val PSNR {vae.get('val_ema/psnr', float('nan')):.2f} dB, latent std "
+            f"{vae.get('val_ema/latent_std', float('nan')):.3f} (model scale "
+            f"{results['diffusion']['latent_scale']:.4g}); post-trained EMA decoder on real "
+            f"latents: PSNR {post.get('val_ema/psnr', float('nan')):.2f} dB"
+            + (f" ({n} val images)" if n else ""),
+            f"Flow model: {results['diffusion']['steps']} steps; SDEdit pairs at σ = "
+            f"{results['pairs']['sigma']} from {results['pairs']['num_records']} train images.",
+            "",
+            *gfid_table(results, ("gaussian_latents", "N(0, I) latents decoded (floor)"),
+                        same="sampled latents"),
+        ]
+        return "\n".join(lines)
+
+
+def pipeline_class(config: ml_collections.ConfigDict) -> type[Pipeline]:
+    """The SDEdit variant for a config with a ``diffusion`` block, else the token pipeline."""
+    return DiffusionPipeline if "diffusion" in config else Pipeline
+
+
 _COLUMNS = (("fid", "gFID"), ("sfid", "sFID"), ("precision", "Precision"), ("recall", "Recall"),
             ("inception_score", "IS"))
 
 
-def results_table(results: dict) -> str:
-    """The paper-style table (markdown) from the stages' results."""
-    tok = results["tokenizer_eval"]
+def gfid_table(
+    results: dict, floor: tuple[str, str] = ("uniform_tokens", "uniform random tokens (floor)"),
+    same: str = "token sequences",
+) -> list[str]:
+    """The gFID rows (markdown lines): before, after (EMA and raw decoder), the floor."""
     rows = [("no post-training", results["gfid_before"]["main"]),
             ("+ post-training (EMA decoder)", results["gfid_after"]["post_ema"])]
     if "post_raw" in results["gfid_after"]:
         rows.append(("+ post-training (raw decoder)", results["gfid_after"]["post_raw"]))
-    if "uniform_tokens" in results["gfid_before"]:
-        rows.append(("uniform random tokens (floor)", results["gfid_before"]["uniform_tokens"]))
+    if floor[0] in results["gfid_before"]:
+        rows.append((floor[1], results["gfid_before"][floor[0]]))
     cols = [c for c in _COLUMNS if c[0] in rows[0][1]]
     lines = [
-        f"Tokenizer: rFID {tok['rfid']:.2f}, pFID {tok.get('pfid', float('nan')):.2f}, "
-        f"PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codebook usage "
-        f"{100 * tok['codebook_usage']:.1f}% ({int(tok['num_images'])} images)",
-        "",
         "| decoder | " + " | ".join(name for _, name in cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
@@ -374,12 +535,24 @@ def results_table(results: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{m[k]:.3f}" for k, _ in cols) + " |")
     n = int(rows[0][1].get("num_samples", 0))
     lines.append("")
-    lines.append(f"gFID over {n} class-balanced samples; the same token sequences for every row.")
+    lines.append(f"gFID over {n} class-balanced samples; the same {same} for every row.")
     ref = results.get("reference", {})
     if ref.get("reference"):
         where = ref.get("split", "")
         lines.append(f"Reference: {ref['reference']}" + (f" ({where})" if where else "") + ".")
-    return "\n".join(lines)
+    return lines
+
+
+def results_table(results: dict) -> str:
+    """The paper-style table (markdown) from the stages' results."""
+    tok = results["tokenizer_eval"]
+    return "\n".join([
+        f"Tokenizer: rFID {tok['rfid']:.2f}, pFID {tok.get('pfid', float('nan')):.2f}, "
+        f"PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.3f}, codebook usage "
+        f"{100 * tok['codebook_usage']:.1f}% ({int(tok['num_images'])} images)",
+        "",
+        *gfid_table(results),
+    ])
 
 
 def define_flags() -> dict[str, Any]:
@@ -394,8 +567,9 @@ def define_flags() -> dict[str, Any]:
 def main(fl: dict[str, Any]) -> None:
     from tokpost_jax import config_checks
 
-    config_checks.check_pipeline_config(fl["config"].value)
-    Pipeline(fl["config"].value, fl["workdir"].value).run()
+    config = fl["config"].value
+    config_checks.check_pipeline_config(config)
+    pipeline_class(config)(config, fl["workdir"].value).run()
 
 
 if __name__ == "__main__":

@@ -130,8 +130,9 @@ def vae(config: ml_collections.ConfigDict) -> KLVAE:
 
 def latent_vae(config: ml_collections.ConfigDict) -> KLVAE:
     """The frozen KL-VAE whose latents a diffusion config (configs/diffusion.py) models:
-    ``config.vae`` at ``config.data.image_size``, in ``config.dtype``."""
-    fields = config.vae.to_dict()
+    ``config.vae`` at ``config.data.image_size``, in ``config.dtype`` (a VAE stage's ``model``
+    block, ``kind`` included, is accepted as it is: the pipeline links it)."""
+    fields = {k: v for k, v in config.vae.to_dict().items() if k != "kind"}
     if fields.get("resolution") != config.data.image_size:
         raise ValueError(
             f"vae.resolution={fields.get('resolution')} must equal data.image_size="
