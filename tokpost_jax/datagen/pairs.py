@@ -113,7 +113,7 @@ def _sampling_settings(sampling: Any) -> dict[str, Any]:
     return settings
 
 
-def _subset_fingerprint(chosen: np.ndarray) -> str:
+def subset_fingerprint(chosen: np.ndarray) -> str:
     """Hash of the subset, so a numpy whose ``choice`` draws differently is refused on resume."""
     return hashlib.blake2b(chosen.astype("<i8").tobytes(), digest_size=16).hexdigest()
 
@@ -135,45 +135,17 @@ def _generator_variables(model: RAR, variables: Any, mesh: Any, rules: Any) -> A
     )
 
 
-class _PairJob:
-    """Records are subset images (real crop + label); the step encodes, samples with teacher
-    forcing and decodes. Crops are decoded on a thread pool."""
+class SubsetReader:
+    """A job's reader of the subset: record ``position`` is image ``chosen[position]`` of
+    `source`, its ADM center crop (uint8) and label (checked against ``num_classes``). Crops are
+    decoded on a thread pool. Shared by the AR pairs and the SDEdit pairs (datagen/sdedit_pairs)."""
 
     def __init__(
-        self, tokenizer, tok_params, generator, gen_vars, source, chosen, size, sigma, seed,
-        settings, forced, mesh, rules, num_threads,
+        self, source: Any, chosen: np.ndarray, size: int, num_classes: int, num_threads: int
     ):
         self.source, self.chosen, self.size = source, chosen, size
-        self.num_classes = generator.num_classes
+        self.num_classes = num_classes
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, num_threads))
-        self._tok = device_params(tokenizer, tok_params, size, mesh, rules)
-        self._gen = _generator_variables(generator, gen_vars, mesh, rules)
-
-        def step(tok_params: Any, gen_vars: Any, batch: dict, start: jax.Array) -> dict:
-            variables = {"params": tok_params}
-            truth = tokenizer.apply(variables, batch["pixels"], method="encode").astype(jnp.int32)
-            mask = teacher_mask(seed, batch["index"], sigma, truth.shape[1]) | forced[None]
-            rng = jax.random.fold_in(
-                jax.random.fold_in(jax.random.key(seed), _SAMPLE_STREAM), start
-            )
-            tokens = sample(
-                generator, gen_vars, batch["label"], rng, **settings,
-                teacher_tokens=truth, teacher_mask=mask,
-            )
-            images = tokenizer.apply(variables, tokens, method="decode")
-            return {
-                "generated": quantize_uint8(images),
-                "image": batch["image"],
-                "label": batch["label"],
-                "index": batch["index"],
-                POSITION: batch[POSITION],
-                "teacher_mask": mask,
-            }
-
-        self._step = jax.jit(step, out_shardings=shd.batch_sharding(mesh, rules))
-
-    def step(self, batch: dict[str, jax.Array], start: np.int32) -> dict[str, jax.Array]:
-        return self._step(self._tok, self._gen, batch, start)
 
     def _record(self, position: int) -> tuple[np.ndarray, int]:
         index = int(self.chosen[position])
@@ -208,6 +180,45 @@ class _PairJob:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _PairJob(SubsetReader):
+    """Records are subset images (real crop + label); the step encodes, samples with teacher
+    forcing and decodes."""
+
+    def __init__(
+        self, tokenizer, tok_params, generator, gen_vars, source, chosen, size, sigma, seed,
+        settings, forced, mesh, rules, num_threads,
+    ):
+        super().__init__(source, chosen, size, generator.num_classes, num_threads)
+        self._tok = device_params(tokenizer, tok_params, size, mesh, rules)
+        self._gen = _generator_variables(generator, gen_vars, mesh, rules)
+
+        def step(tok_params: Any, gen_vars: Any, batch: dict, start: jax.Array) -> dict:
+            variables = {"params": tok_params}
+            truth = tokenizer.apply(variables, batch["pixels"], method="encode").astype(jnp.int32)
+            mask = teacher_mask(seed, batch["index"], sigma, truth.shape[1]) | forced[None]
+            rng = jax.random.fold_in(
+                jax.random.fold_in(jax.random.key(seed), _SAMPLE_STREAM), start
+            )
+            tokens = sample(
+                generator, gen_vars, batch["label"], rng, **settings,
+                teacher_tokens=truth, teacher_mask=mask,
+            )
+            images = tokenizer.apply(variables, tokens, method="decode")
+            return {
+                "generated": quantize_uint8(images),
+                "image": batch["image"],
+                "label": batch["label"],
+                "index": batch["index"],
+                POSITION: batch[POSITION],
+                "teacher_mask": mask,
+            }
+
+        self._step = jax.jit(step, out_shardings=shd.batch_sharding(mesh, rules))
+
+    def step(self, batch: dict[str, jax.Array], start: np.int32) -> dict[str, jax.Array]:
+        return self._step(self._tok, self._gen, batch, start)
 
 
 def generate_pairs(
@@ -269,7 +280,7 @@ def generate_pairs(
         "source_size": len(source),
         "num_images": int(num_images),
         "seed": int(seed),
-        "subset_fingerprint": _subset_fingerprint(chosen),
+        "subset_fingerprint": subset_fingerprint(chosen),
         "sigma": float(sigma),
         "sampling": settings,
         "batch_size": int(batch_size),  # the sampler's rng is per global batch

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -139,6 +140,18 @@ def latent_vae(config: ml_collections.ConfigDict) -> KLVAE:
             f"{config.data.image_size} (the VAE places its attention by resolution)"
         )
     return build_klvae(fields, dtype=jnp.dtype(config.dtype))
+
+
+def latent_shape(vae: KLVAE, image_size: int) -> tuple[int, ...]:
+    """[h, w, C] of the posterior mean ``vae`` makes of ``image_size``² images (abstractly)."""
+    abstract = jax.eval_shape(
+        vae.init, jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3))
+    )
+    mean, _ = jax.eval_shape(
+        lambda v, x: vae.apply(v, x, method="encode_moments"), abstract,
+        jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+    )
+    return tuple(mean.shape[1:])
 
 
 def diffusion(config: ml_collections.ConfigDict) -> LatentDiT:

@@ -166,13 +166,9 @@ class DiffusionStage(Stage):
 def check_latent_shape(config: ml_collections.ConfigDict, vae: Any) -> None:
     """``latent.shape`` must be what the VAE makes of ``data.image_size`` images."""
     size = int(config.data.image_size)
-    abstract = jax.eval_shape(vae.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-    mean, _ = jax.eval_shape(
-        lambda v, x: vae.apply(v, x, method="encode_moments"), abstract,
-        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
-    )
-    if tuple(mean.shape[1:]) != tuple(int(d) for d in config.latent.shape):
+    shape = build.latent_shape(vae, size)
+    if shape != tuple(int(d) for d in config.latent.shape):
         raise ConfigValueError(
             "latent.shape", tuple(config.latent.shape),
-            f"must be the VAE's latent of {size}² images, {tuple(mean.shape[1:])}",
+            f"must be the VAE's latent of {size}² images, {shape}",
         )
