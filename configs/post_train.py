@@ -14,6 +14,11 @@ Variants:
             RobusTok's post-training on a CODA tokenizer (neither paper does this): the demo /
             micro CODA tokenizer (configs/coda.py), or CODA-MAR (configs/coda_imagenet.py:mar)
             on the paper's σ = 0.7, N = 200k, seed 42, 40 epochs, at CODA's batch of 512.
+  diffusion_demo, diffusion_micro
+            post-training a continuous tokenizer with a diffusion generator (robustok.md §9.4):
+            the demo / micro KL-VAE (configs/klvae.py) decoder and post_quant_conv trained on
+            SDEdit pairs (datagen/sdedit_pairs.py: a generated latent → the real image) at
+            σ = 0.7; the encoder and quant_conv stay bit-identical. Trainer "vae_post_train".
   cnn_vq_demo, cnn_vq_micro, cnn_vq_imagenet
             post-training an off-the-shelf CNN VQ tokenizer (models/cnn_vq.py, LlamaGen's
             layout): the demo / micro CNN VQ (configs/cnn_vq.py) or LlamaGen's VQ-16
@@ -43,7 +48,8 @@ from ml_collections import config_dict
 from tokpost_jax import config_lib
 
 VARIANTS = ("demo", "micro", "imagenet", "imagenet_official_lr", "coda_demo", "coda_micro",
-            "coda_imagenet", "cnn_vq_demo", "cnn_vq_micro", "cnn_vq_imagenet")
+            "coda_imagenet", "cnn_vq_demo", "cnn_vq_micro", "cnn_vq_imagenet", "diffusion_demo",
+            "diffusion_micro")
 
 
 def pairs_data(c: ml_collections.ConfigDict) -> None:
@@ -138,6 +144,41 @@ def cnn_vq_post_train(arg: str) -> ml_collections.ConfigDict:
     return c
 
 
+def vae_post_train(arg: str) -> ml_collections.ConfigDict:
+    """RobusTok's decoder post-training on a KL-VAE with SDEdit pairs, with the ViT recipe's
+    relative settings (half the LR, no weight decay, the GAN from step 0 when enabled)."""
+    micro = arg == "diffusion_micro"
+    c = config_lib.sibling_config(__file__, "klvae", "micro" if micro else "demo")
+    c.trainer = "vae_post_train"
+    pairs_data(c)
+    c.data.image_fields = ("image",)  # "generated" is a float32 latent, not an image
+    c.post = ml_collections.ConfigDict(
+        dict(
+            # Globs over parameter paths: everything downstream of the latent.
+            trainable=("decoder/*", "post_quant_conv/*"),
+            reuse_discriminator=True,
+            # SDEdit pairs (robustok.md §9.4): start the ODE at t = 1 − σ.
+            sigma=0.7,
+            num_images=16 if micro else 2_000,
+            seed=42,
+            source_split="train",
+            batch_size=8 if micro else 100,  # global, for generation
+        )
+    )
+    c.eval_at_start = True  # step 0 = the VAE's own decoder on real images (a baseline)
+    c.init_from = ml_collections.ConfigDict(
+        dict(workdir=config_dict.placeholder(str), params_key="ema_params")
+    )
+    c.gan.start = 0
+    c.fid_eval.every_steps = 0
+    c.optim.update(lr=c.optim.lr / 2, weight_decay=0.0, warmup_steps=2 if micro else 20)
+    c.gan.optim.lr = c.gan.optim.lr / 2
+    c.total_steps = 10 if micro else 300
+    c.eval_every_steps = c.total_steps
+    c.checkpoint_every_steps = 10 if micro else 100
+    return c
+
+
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(
@@ -147,6 +188,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         return coda_post_train(arg)
     if arg.startswith("cnn_vq_"):
         return cnn_vq_post_train(arg)
+    if arg.startswith("diffusion_"):
+        return vae_post_train(arg)
     paper = arg.startswith("imagenet")
     base = {"demo": "demo", "micro": "micro_gan"}.get(arg)
     c = (config_lib.sibling_config(__file__, "robustok_imagenet") if paper

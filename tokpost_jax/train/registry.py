@@ -15,6 +15,7 @@ TRAINERS = {
     "coda": "tokpost_jax.train.coda:CODAStage",
     "coda_post_train": "tokpost_jax.train.post_train:CODAPostTrainStage",
     "diffusion": "tokpost_jax.train.diffusion:DiffusionStage",
+    "vae_post_train": "tokpost_jax.train.post_train:VAEPostTrainStage",
 }
 
 

@@ -118,8 +118,8 @@ class VAEStage(ReconstructionStage):
             )
             metrics.update(gan_metrics)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = optim.ema_update(state.ema_params, params, self.config.optim.ema_decay)
+        params = self.apply_updates(state.params, updates)
+        ema = self.update_ema(state.ema_params, params)
         metrics.update(
             {
                 "latent_std": jnp.std(accumulate.join(per["mean"])),  # over the whole batch
@@ -133,13 +133,19 @@ class VAEStage(ReconstructionStage):
         )
         return new_state, metrics
 
+    def apply_updates(self, params: Any, updates: Any) -> Any:
+        return optax.apply_updates(params, updates)
+
+    def update_ema(self, ema: Any, params: Any) -> Any:
+        return optim.ema_update(ema, params, self.config.optim.ema_decay)
+
     def microbatch(
         self, state: TrainState, batch: dict, rng: jax.Array, frozen: Any
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """One microbatch's gradients with one backward pass: (averaged, per microbatch)."""
-        images = batch["image"]
+        images, inputs = batch["image"], batch[self.input_key]
         (recon, kl), backward, (_, mean, logvar) = jax.vjp(
-            lambda p: self.forward(p, images, rng), state.params, has_aux=True
+            lambda p: self.forward(p, inputs, rng), state.params, has_aux=True
         )
 
         (rec, rec_terms), grad_rec = jax.value_and_grad(
