@@ -34,7 +34,15 @@ Variants:
             pretokenize → RAR-B → gFID → σ = 0.9 pairs from 200k train images → 10 epochs of
             decoder post-training (the discriminator starts fresh: the file has none) → gFID.
 
-``tokenizer_weights`` (every variant): a released tokenizer file, or another run's directory,
+  diffusion_demo
+            the paper's SDEdit variant for a continuous tokenizer (robustok.md §9.4), MNIST, CPU:
+            the demo KL-VAE → gFID reference → a latent flow model (configs/diffusion.py:demo,
+            on 1/latent_std-scaled 4×4×16 latents) → gFID → SDEdit pairs at σ = 0.7 from 2,000
+            train digits → VAE decoder post-training (encoder frozen) → gFID.
+  diffusion_micro
+            the same at toy size; used by the tests.
+
+``tokenizer_weights`` (the token variants): a released tokenizer file, or another run's directory,
 that the tokenizer stage imports instead of training (cli/reconstruct.py's ``load_weights``
 reads it: LlamaGen VQ ``.pt`` / ``.safetensors`` for cnn_vq, RobusTok files for vit_vq, CODA
 releases); the stage writes it as its checkpoint, so every later stage reads it as it would a
@@ -63,6 +71,10 @@ COMMAND (LlamaGen's released VQ-16 post-trained; the tokenizer is the file, not 
       --config.tokenizer.data.data_dir=gs://b/tfds \
       --config.generator.gfid.reference=/weights/VIRTUAL_imagenet256_labeled.npz
 
+COMMAND (the SDEdit variant: a KL-VAE post-trained with a latent flow model, CPU):
+  python -m tokpost_jax.pipeline --config=configs/pipeline.py:diffusion_demo \
+      --workdir=runs/pipeline_diffusion_demo
+
 COMMAND (CODA ImageNet; the VAE is MAR's kl16 file, CODA's own starting point):
   python -m tokpost_jax.pipeline --config=configs/pipeline.py:coda_imagenet \
       --workdir=gs://b/coda_robustok --config.tokenizer.data.data_dir=gs://b/tfds \
@@ -79,7 +91,7 @@ from ml_collections import config_dict
 from tokpost_jax import config_lib
 
 VARIANTS = ("demo", "micro", "imagenet", "coda_demo", "coda_micro", "coda_imagenet",
-            "cnn_vq_demo", "cnn_vq_micro", "cnn_vq_imagenet")
+            "cnn_vq_demo", "cnn_vq_micro", "cnn_vq_imagenet", "diffusion_demo", "diffusion_micro")
 
 
 def _common(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
@@ -87,7 +99,7 @@ def _common(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict
     c.sharding_rules = config_lib.DEFAULT_SHARDING_RULES
     c.num_grid_images = 8 if arg.endswith("micro") else 40
     # A tokenizer file or run directory the tokenizer stage imports instead of training.
-    if "tokenizer_weights" not in c:
+    if "tokenizer" in c and "tokenizer_weights" not in c:
         c.tokenizer_weights = config_dict.placeholder(str)
     return c
 
@@ -204,6 +216,33 @@ def coda_pipeline(arg: str) -> ml_collections.ConfigDict:
     return _common(c, arg)
 
 
+def diffusion_pipeline(arg: str) -> ml_collections.ConfigDict:
+    """KL-VAE → flow model on its latents → gFID → SDEdit pairs → decoder post-training → gFID."""
+    micro = arg == "diffusion_micro"
+    size = "micro" if micro else "demo"
+    c = ml_collections.ConfigDict()
+    c.vae = config_lib.sibling_config(__file__, "klvae", size)
+    c.diffusion = config_lib.sibling_config(__file__, "diffusion", size)
+    # σ, N and the pairs' seed and batch live in post_train.post (configs/post_train.py).
+    c.post_train = config_lib.sibling_config(__file__, "post_train", arg)
+    # Filled in by the pipeline from c.vae (one source for the VAE's architecture and data).
+    del c.diffusion.vae, c.diffusion.vae_init, c.diffusion.data
+    del c.post_train.model
+    del c.post_train.eval_data
+    # The flow model's latent scale; None: 1 / the VAE run's final EMA val latent std.
+    c.latent_scale = config_dict.placeholder(float)
+    if micro:
+        c.diffusion.gfid.update(num_samples=32, num_reference=32, batch_size=16)
+    else:
+        c.vae.data.num_eval_examples = 200
+        # Half the stand-alone demo's 3,000 steps, to keep the whole pipeline near 20 min.
+        c.diffusion.update(total_steps=1_500, eval_every_steps=1_500, checkpoint_every_steps=500)
+        c.diffusion.gfid.update(num_samples=250, num_reference=250, batch_size=50)
+    c.gaussian_latent_baseline = True  # gFID of N(0, I) latents decoded: the floor row
+    c.gfid_raw_decoder = micro
+    return _common(c, arg)
+
+
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/pipeline.py: unknown variant {arg!r}; choose one of {VARIANTS}")
@@ -212,6 +251,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         return coda_pipeline(arg)
     if arg.startswith("cnn_vq"):
         return cnn_vq_pipeline(arg)
+    if arg.startswith("diffusion"):
+        return diffusion_pipeline(arg)
     if arg == "imagenet":
         c.tokenizer = config_lib.sibling_config(__file__, "robustok_imagenet")
         c.generator = config_lib.sibling_config(__file__, "rar", "rar_b")

@@ -959,6 +959,7 @@ TRAINER_RULES: dict[str, tuple[Any, ...]] = {
     "coda_post_train": (*CODA_RULES, *POST_RULES),
     "vae": VAE_RULES,
     "diffusion": DIFFUSION_RULES,
+    "vae_post_train": (*VAE_RULES, *POST_RULES),
 }
 
 
@@ -1036,6 +1037,19 @@ PIPELINE_PATHS: dict[str, tuple[str, ...]] = {
     "post_train": ("init_from.workdir", "data.data_dir"),
     "tokenizer": ("model.vae_init",),
 }
+#: The same for the SDEdit variant (DiffusionPipeline): the KL-VAE stage is the source.
+DIFFUSION_PIPELINE_LINKS: dict[str, tuple[tuple[str, str], ...]] = {
+    "diffusion": (("vae", "vae.model"), ("data", "vae.data")),
+    "post_train": (
+        ("model", "vae.model"),
+        ("eval_data", "vae.data"),
+        ("data.image_size", "vae.data.image_size"),
+    ),
+}
+DIFFUSION_PIPELINE_PATHS: dict[str, tuple[str, ...]] = {
+    "diffusion": ("vae_init", "gfid.reference"),
+    "post_train": ("init_from.workdir", "data.data_dir"),
+}
 
 
 def _pipeline_rules() -> tuple[Any, ...]:
@@ -1061,13 +1075,13 @@ def _assign(config: Any, key: str, value: Any) -> None:
     node[last] = ml_collections.ConfigDict(value.to_dict()) if hasattr(value, "to_dict") else value
 
 
-def _linked(config: Any, stage: str) -> Any:
+def _linked(config: Any, stage: str, links: dict | None = None) -> Any:
     """The stage sub-config with the linked values filled in: whole blocks always, single
     fields only where the stage config has them."""
     import ml_collections
 
     out = ml_collections.ConfigDict(config[stage].to_dict())
-    for key, source in PIPELINE_LINKS.get(stage, ()):
+    for key, source in (PIPELINE_LINKS if links is None else links).get(stage, ()):
         value = lookup(config, source)
         if value is not _MISSING and ("." not in key or lookup(out, key) is not _MISSING):
             _assign(out, key, value)
@@ -1081,6 +1095,8 @@ def check_pipeline_config(
     linked as the Pipeline links them (keys are named from the pipeline config's root)."""
     devices, hosts = _machine(num_devices, num_hosts)
     env = Env(config, devices, hosts)
+    if hasattr(lookup(config, "diffusion"), "keys"):
+        return _check_diffusion_pipeline(config, env)
     errors = [e for rule in _pipeline_rules() for e in rule.errors(env)]
     # tokenizer_eval computes rFID/pFID and gfid_before/after gFID whatever their every_steps.
     stages = (("tokenizer", True), ("generator", True), ("post_train", False))
@@ -1101,6 +1117,28 @@ def check_pipeline_config(
         errors += config_errors(
             _linked(config, stage), num_devices=devices, num_hosts=hosts,
             for_evaluation=evaluated, skip=PIPELINE_PATHS.get(stage, ()), prefix=f"{stage}.",
+        )
+    _raise_all(errors)
+
+
+def _check_diffusion_pipeline(config: Any, env: Env) -> None:
+    """The SDEdit variant (configs/pipeline.py:diffusion_demo): vae → diffusion → post_train."""
+    rules = (
+        _mesh_rule(),
+        number("latent_scale", above=0, none_ok=True),
+        boolean("gaussian_latent_baseline"),
+        boolean("gfid_raw_decoder"),
+        integer("num_grid_images", lo=1),
+    )
+    errors = [e for rule in rules for e in rule.errors(env)]
+    for stage, evaluated in (("vae", False), ("diffusion", True), ("post_train", False)):
+        if not hasattr(lookup(config, stage), "keys"):
+            errors.append(ConfigError(f"config.{stage} is missing; the pipeline runs that stage"))
+            continue
+        errors += config_errors(
+            _linked(config, stage, DIFFUSION_PIPELINE_LINKS), num_devices=env.num_devices,
+            num_hosts=env.num_hosts, for_evaluation=evaluated,
+            skip=DIFFUSION_PIPELINE_PATHS.get(stage, ()), prefix=f"{stage}.",
         )
     _raise_all(errors)
 
