@@ -72,11 +72,22 @@ KL16 = {"tokenizer__model__vae_init": "/weights/kl16.safetensors"}
 
 @pytest.mark.parametrize(
     ("variant", "paths", "devices"),
-    [("demo", {}, 1), ("imagenet", {}, 8), ("coda_demo", {}, 1), ("coda_imagenet", KL16, 8)],
+    [("demo", {}, 1), ("imagenet", {}, 8), ("coda_demo", {}, 1), ("coda_imagenet", KL16, 8),
+     ("diffusion_demo", {}, 1), ("diffusion_micro", {}, 8)],
 )
 def test_pipeline_configs_pass(variant, paths, devices):
     cc.check_pipeline_config(_cfg("configs/pipeline.py", variant, **paths), num_devices=devices,
                              num_hosts=1)
+
+
+def test_the_diffusion_pipeline_checks_each_stage_as_linked_to_its_vae():
+    cfg = _cfg("configs/pipeline.py", "diffusion_micro")
+    cfg.vae.model.z_channels = 8  # the flow model's latent.shape no longer fits the VAE
+    cfg.latent_scale = -1.0
+    with pytest.raises(cc.ConfigErrors) as err:
+        cc.check_pipeline_config(cfg, num_devices=1, num_hosts=1)
+    text = str(err.value)
+    assert "config.latent_scale=-1.0" in text and "config.diffusion.latent.shape" in text
 
 
 def test_a_coda_pipeline_without_a_vae_stage_needs_the_vae_file():
