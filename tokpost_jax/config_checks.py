@@ -873,6 +873,16 @@ POST_TRAIN_RULES: tuple[Any, ...] = (
          "must be 0: dead-code restart rewrites the codebook, which post-training keeps frozen"),
 )
 
+#: A generator stage's gFID evaluation (the one generation evaluator, metrics/generation.py).
+GFID_RULES: tuple[Any, ...] = (
+    integer("gfid.every_steps", lo=0),
+    integer("gfid.num_samples", lo=1, when=_runs("gfid")),
+    batch("gfid.batch_size", when=_runs("gfid")),
+    integer("gfid.num_reference", lo=1, none_ok=True),
+    integer("gfid.seed", lo=0),
+    one_of("gfid.frechet_method", ("eigh", "sqrtm")),
+)
+
 #: RAR generator training (tokpost_jax.train.generator) and its gFID evaluation.
 GENERATOR_RULES: tuple[Any, ...] = (
     *COMMON_RULES,
@@ -892,12 +902,7 @@ GENERATOR_RULES: tuple[Any, ...] = (
     number("sampling.power", lo=0),
     integer("sampling.top_k", lo=0, hi="tokenizer.model.codebook_size"),
     number("sampling.top_p", above=0, hi=1),
-    integer("gfid.every_steps", lo=0),
-    integer("gfid.num_samples", lo=1, when=_runs("gfid")),
-    batch("gfid.batch_size", when=_runs("gfid")),
-    integer("gfid.num_reference", lo=1, none_ok=True),
-    integer("gfid.seed", lo=0),
-    one_of("gfid.frechet_method", ("eigh", "sqrtm")),
+    *GFID_RULES,
 )
 
 def _latent_matches_vae(v: Any, env: Env) -> bool:
@@ -942,12 +947,7 @@ DIFFUSION_RULES: tuple[Any, ...] = (
     one_of("sampling.method", _diffusion_constant("METHODS")),
     integer("sampling.num_steps", lo=1),
     number("sampling.guidance", lo=0),
-    integer("gfid.every_steps", lo=0),
-    integer("gfid.num_samples", lo=1, when=_runs("gfid")),
-    batch("gfid.batch_size", when=_runs("gfid")),
-    integer("gfid.num_reference", lo=1, none_ok=True),
-    integer("gfid.seed", lo=0),
-    one_of("gfid.frechet_method", ("eigh", "sqrtm")),
+    *GFID_RULES,
 )
 
 #: config.trainer → its rules. New trainers (e.g. "coda", "vae") add theirs: register_trainer.

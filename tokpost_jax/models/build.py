@@ -117,29 +117,28 @@ def tokenizer(config: ml_collections.ConfigDict) -> nn.Module:
     return TOKENIZERS[kind](config)
 
 
+def _klvae_at(fields: dict, image_size: int, dtype: Any, key: str) -> KLVAE:
+    """A KL-VAE from its preset ``fields`` (``kind`` ignored) at ``image_size``."""
+    fields = {k: v for k, v in fields.items() if k != "kind"}
+    if fields.get("resolution") != image_size:
+        raise ValueError(
+            f"{key}.resolution={fields.get('resolution')} must equal data.image_size="
+            f"{image_size} (the VAE places its attention by resolution)"
+        )
+    return build_klvae(fields, dtype=jnp.dtype(dtype))
+
+
 def vae(config: ml_collections.ConfigDict) -> KLVAE:
     """The KL-VAE ``config.model`` describes (a ``config_lib.klvae`` preset; ``kind`` names the
     family) in ``config.dtype``, for the VAE stage (``train/vae.py``)."""
-    fields = {k: v for k, v in config.model.to_dict().items() if k != "kind"}
-    if fields.get("resolution") != config.data.image_size:
-        raise ValueError(
-            f"model.resolution={fields.get('resolution')} must equal data.image_size="
-            f"{config.data.image_size} (the VAE places its attention by resolution)"
-        )
-    return build_klvae(fields, dtype=jnp.dtype(config.dtype))
+    return _klvae_at(config.model.to_dict(), config.data.image_size, config.dtype, "model")
 
 
 def latent_vae(config: ml_collections.ConfigDict) -> KLVAE:
     """The frozen KL-VAE whose latents a diffusion config (configs/diffusion.py) models:
     ``config.vae`` at ``config.data.image_size``, in ``config.dtype`` (a VAE stage's ``model``
     block, ``kind`` included, is accepted as it is: the pipeline links it)."""
-    fields = {k: v for k, v in config.vae.to_dict().items() if k != "kind"}
-    if fields.get("resolution") != config.data.image_size:
-        raise ValueError(
-            f"vae.resolution={fields.get('resolution')} must equal data.image_size="
-            f"{config.data.image_size} (the VAE places its attention by resolution)"
-        )
-    return build_klvae(fields, dtype=jnp.dtype(config.dtype))
+    return _klvae_at(config.vae.to_dict(), config.data.image_size, config.dtype, "vae")
 
 
 def latent_shape(vae: KLVAE, image_size: int) -> tuple[int, ...]:

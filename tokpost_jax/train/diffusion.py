@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from tokpost_jax.config_checks import ConfigValueError
 from tokpost_jax.models import build
@@ -99,22 +98,10 @@ class DiffusionStage(Stage):
             lambda mb, key: self.microbatch(state.params, frozen["vae"], mb, key), batch, rng,
             self.accum_steps,
         )
-        grads = mean["grads"]
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if cfg.optim.ema_decay:
-            ema = optim.ema_update(ema, params, cfg.optim.ema_decay)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+        new_state, update_metrics = optim.apply_gradients(
+            state, mean["grads"], self.tx, cfg.optim.ema_decay, self.schedule
         )
-        metrics = {
-            **mean["metrics"],
-            "lr": self.schedule(state.step),
-            "grad_norm": optim.global_norm(grads),
-            "param_norm": optim.global_norm(params),
-        }
-        return new_state, metrics
+        return new_state, {**mean["metrics"], **update_metrics}
 
     def microbatch(
         self, params: Any, vae_params: Any, batch: dict, rng: jax.Array

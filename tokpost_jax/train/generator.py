@@ -70,23 +70,10 @@ class GeneratorStage(Stage):
             lambda mb, key: self.microbatch(state.params, mb, key, r), batch, rng,
             self.accum_steps,
         )
-        grads = mean["grads"]
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if cfg.optim.ema_decay:
-            ema = optim.ema_update(ema, params, cfg.optim.ema_decay)
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+        new_state, update_metrics = optim.apply_gradients(
+            state, mean["grads"], self.tx, cfg.optim.ema_decay, self.schedule
         )
-        metrics = {
-            **mean["metrics"],
-            "lr": self.schedule(state.step),
-            "grad_norm": optim.global_norm(grads),
-            "param_norm": optim.global_norm(params),
-            "random_order_prob": r,
-        }
-        return new_state, metrics
+        return new_state, {**mean["metrics"], **update_metrics, "random_order_prob": r}
 
     def microbatch(
         self, params: Any, batch: dict, rng: jax.Array, random_order_prob: jax.Array

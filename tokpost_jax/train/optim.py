@@ -107,3 +107,23 @@ def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
 
 def global_norm(tree: Any) -> jax.Array:
     return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def apply_gradients(
+    state: Any, grads: Any, tx: optax.GradientTransformation, ema_decay: float,
+    schedule: optax.Schedule,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """One optimizer update of a TrainState (params, opt_state, the EMA when ``ema_decay``,
+    step + 1) and the update's metrics: lr, grad_norm, param_norm."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params, params, ema_decay) if ema_decay else state.ema_params
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema
+    )
+    metrics = {
+        "lr": schedule(state.step),
+        "grad_norm": global_norm(grads),
+        "param_norm": global_norm(params),
+    }
+    return new_state, metrics
