@@ -119,12 +119,7 @@ class Pipeline:
         self.own_reference = not g.gfid.reference
         if self.own_reference:
             g.gfid.reference = self.reference_path
-        p = self.post = _copy(config.post_train)
-        p.model = _copy(tok.model)
-        p.eval_data = _copy(tok.data)
-        p.data.image_size = tok.data.image_size
-        p.init_from.workdir = self.dir("tokenizer")
-        p.data.data_dir = self.dir("pairs")
+        p = self.post = self.linked_post_train(tok, "tokenizer")
         self.tokenizer_weights = config.get("tokenizer_weights") or None
         if self.tokenizer_weights and p.post.get("reuse_discriminator"):
             from tokpost_jax.config_checks import ConfigValueError
@@ -139,6 +134,19 @@ class Pipeline:
 
     def dir(self, stage: str) -> str:
         return files.join(self.workdir, stage)
+
+    def linked_post_train(
+        self, source: ml_collections.ConfigDict, stage: str
+    ) -> ml_collections.ConfigDict:
+        """``config.post_train`` linked to the autoencoder it post-trains: ``source``'s model
+        and (as eval data) real images, warm-started from ``stage``, trained on the pairs."""
+        p = _copy(self.config.post_train)
+        p.model = _copy(source.model)
+        p.eval_data = _copy(source.data)
+        p.data.image_size = source.data.image_size
+        p.init_from.workdir = self.dir(stage)
+        p.data.data_dir = self.dir("pairs")
+        return p
 
     @property
     def gfid_config(self) -> ml_collections.ConfigDict:
@@ -402,12 +410,7 @@ class DiffusionPipeline(Pipeline):
         self.own_reference = not d.gfid.reference
         if self.own_reference:
             d.gfid.reference = self.reference_path
-        p = self.post = _copy(config.post_train)
-        p.model = _copy(v.model)
-        p.eval_data = _copy(v.data)
-        p.data.image_size = v.data.image_size
-        p.init_from.workdir = self.dir("vae")
-        p.data.data_dir = self.dir("pairs")
+        self.post = self.linked_post_train(v, "vae")
         self.mesh = shd.make_mesh(config.mesh)
         self.rules = shd.rules_tuple(config.sharding_rules)
 

@@ -82,19 +82,21 @@ def choose_subset(num_source: int, num_images: int, seed: int) -> np.ndarray:
     return np.sort(chosen).astype(np.int64)
 
 
-def teacher_mask(seed: int, indices: jax.Array, sigma: float, num_tokens: int) -> jax.Array:
-    """[B, num_tokens] bool Bernoulli(σ) masks, row b from (seed, ``indices[b]``) alone.
+def row_keys(seed: int, stream: int, indices: jax.Array) -> jax.Array:
+    """[B] keys, row b from (seed, ``stream``, ``indices[b]``) alone.
 
-    Why per row: a batch-wide draw would change an image's mask with the batch size or its
-    position in a batch; negative indices (padding rows) are treated as 0.
+    Why per row: a batch-wide draw would change an image's random bits with the batch size or
+    its position in a batch; negative indices (padding rows) are treated as 0.
     """
-    base = jax.random.fold_in(jax.random.key(seed), _MASK_STREAM)
+    base = jax.random.fold_in(jax.random.key(seed), stream)
     rows = jnp.maximum(jnp.asarray(indices, jnp.int32), 0)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(rows)
 
-    def row(i: jax.Array) -> jax.Array:
-        return jax.random.bernoulli(jax.random.fold_in(base, i), sigma, (num_tokens,))
 
-    return jax.vmap(row)(rows)
+def teacher_mask(seed: int, indices: jax.Array, sigma: float, num_tokens: int) -> jax.Array:
+    """[B, num_tokens] bool Bernoulli(σ) masks, row b from (seed, ``indices[b]``) alone."""
+    keys = row_keys(seed, _MASK_STREAM, indices)
+    return jax.vmap(lambda k: jax.random.bernoulli(k, sigma, (num_tokens,)))(keys)
 
 
 def _sampling_settings(sampling: Any) -> dict[str, Any]:

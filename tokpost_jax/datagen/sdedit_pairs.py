@@ -47,7 +47,13 @@ from tokpost_jax import files, sampling_ode
 from tokpost_jax import sharding as shd
 from tokpost_jax.data import pipeline
 from tokpost_jax.data.shards import FieldSpec
-from tokpost_jax.datagen.pairs import OUTPUT_SPLIT, SubsetReader, choose_subset, subset_fingerprint
+from tokpost_jax.datagen.pairs import (
+    OUTPUT_SPLIT,
+    SubsetReader,
+    choose_subset,
+    row_keys,
+    subset_fingerprint,
+)
 from tokpost_jax.datagen.shard_loop import (
     POSITION,
     ShardsResult,
@@ -68,18 +74,10 @@ _SAMPLING_FIELDS = ("method", "num_steps", "guidance")
 
 
 def sdedit_noise(seed: int, indices: jax.Array, latent_shape: tuple[int, ...]) -> jax.Array:
-    """[B, *latent_shape] float32 N(0, I) noise, row b from (seed, ``indices[b]``) alone.
-
-    Why per row: a batch-wide draw would change an image's noise with the batch size or its
-    position in a batch; negative indices (padding rows) are treated as 0.
-    """
-    base = jax.random.fold_in(jax.random.key(seed), NOISE_STREAM)
-    rows = jnp.maximum(jnp.asarray(indices, jnp.int32), 0)
-
-    def row(i: jax.Array) -> jax.Array:
-        return jax.random.normal(jax.random.fold_in(base, i), tuple(latent_shape), jnp.float32)
-
-    return jax.vmap(row)(rows)
+    """[B, *latent_shape] float32 N(0, I) noise, row b from (seed, ``indices[b]``) alone
+    (:func:`~tokpost_jax.datagen.pairs.row_keys`)."""
+    keys = row_keys(seed, NOISE_STREAM, indices)
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(latent_shape), jnp.float32))(keys)
 
 
 def ode_steps(num_steps: int, sigma: float) -> int:

@@ -32,7 +32,6 @@ from absl import logging
 from tokpost_jax import checkpoint as ckpt_lib
 from tokpost_jax import files
 from tokpost_jax.config_checks import ConfigValueError
-from tokpost_jax.train import optim
 from tokpost_jax.train.coda import CODAStage
 from tokpost_jax.train.partition import Partition
 from tokpost_jax.train.reconstruction import ReconstructionStage
@@ -78,7 +77,25 @@ def reuse_discriminator(stage: ReconstructionStage, state: TrainState) -> TrainS
     return state.replace(extra=stage.gan.reuse(state.extra, extra))
 
 
-class PostTrainStage(TokenizerStage):
+class _KeepsUpstreamFrozen:
+    """What the post-training stages whose step updates every leaf share: frozen leaves come
+    back bitwise in the update and the EMA (``self.partition``), and the warm start reuses the
+    main run's discriminator."""
+
+    partition: Partition
+
+    def apply_updates(self, params: Any, updates: Any) -> Any:
+        return self.partition.keep_frozen(super().apply_updates(params, updates), params)
+
+    def update_ema(self, ema: Any, params: Any) -> Any:
+        return self.partition.keep_frozen(super().update_ema(ema, params), ema)
+
+    def warm_start(self, state: TrainState, params: Any) -> TrainState:
+        """Main-training weights into params and EMA, and by default its discriminator."""
+        return reuse_discriminator(self, super().warm_start(state, params))
+
+
+class PostTrainStage(_KeepsUpstreamFrozen, TokenizerStage):
     """The tokenizer objective on (generated → real) pairs, with everything before the tokens
     frozen; warm-started from the main-training EMA weights (and, by default, discriminator)."""
 
@@ -96,17 +113,6 @@ class PostTrainStage(TokenizerStage):
         super().__init__(config, total_steps, mesh)
         self.partition = Partition(tuple(config.post.trainable), what="post.trainable")
         self.tx = self.partition.optimizer(self.tx)
-
-    def apply_updates(self, params: Any, updates: Any) -> Any:
-        return self.partition.keep_frozen(super().apply_updates(params, updates), params)
-
-    def update_ema(self, ema: Any, params: Any) -> Any:
-        new = optim.ema_update(ema, params, self.config.optim.ema_decay)
-        return self.partition.keep_frozen(new, ema)
-
-    def warm_start(self, state: TrainState, params: Any) -> TrainState:
-        """Main-training weights into params and EMA, and by default its discriminator."""
-        return reuse_discriminator(self, super().warm_start(state, params))
 
 
 class CODAPostTrainStage(CODAStage):
@@ -130,7 +136,7 @@ class CODAPostTrainStage(CODAStage):
         return reuse_discriminator(self, super().warm_start(state, params))
 
 
-class VAEPostTrainStage(VAEStage):
+class VAEPostTrainStage(_KeepsUpstreamFrozen, VAEStage):
     """The KL-VAE decoder trained on (generated latent → real image) pairs: the VAE objective
     on ``decode(batch["generated"])`` without the KL term (no encoder runs in the step), with
     the GAN side as in main training; raw and EMA decoders are judged on real images."""
@@ -159,13 +165,3 @@ class VAEPostTrainStage(VAEStage):
 
     def kl_per_pixel_weight(self) -> float:
         return 0.0  # the encoder is frozen and not run: no KL term
-
-    def apply_updates(self, params: Any, updates: Any) -> Any:
-        return self.partition.keep_frozen(super().apply_updates(params, updates), params)
-
-    def update_ema(self, ema: Any, params: Any) -> Any:
-        return self.partition.keep_frozen(super().update_ema(ema, params), ema)
-
-    def warm_start(self, state: TrainState, params: Any) -> TrainState:
-        """The VAE run's weights into params and EMA, and by default its discriminator."""
-        return reuse_discriminator(self, super().warm_start(state, params))
