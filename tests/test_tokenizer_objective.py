@@ -124,3 +124,34 @@ def test_semantic_teacher_loads_a_timm_checkpoint_and_the_loss_runs(tmp_path):
     batch = {k: jnp.asarray(v) for k, v in next(it).items()}
     _, metrics = jax.jit(stage.train_step)(state, batch, jax.random.PRNGKey(1), frozen)
     assert np.isfinite(float(metrics["semantic_loss"])) and float(metrics["semantic_loss"]) > 0
+
+
+def test_dead_codes_restart_only_on_due_steps(stage_and_batches):
+    """The restart is a branch: on a due step every dead code is re-seeded at a batch feature
+    (with the codebook's mean norm); on the other steps the codebook passes through untouched."""
+    stage, _ = stage_and_batches
+    every = stage.config.dead_code_restart.every_steps
+    state = jax.jit(lambda r: nn.unbox(stage.init(r)))(jax.random.PRNGKey(0))
+    emb = state.params["quantizer"]["embedding"]
+    k = emb.shape[0]
+    dead = jnp.zeros_like(state.extra["code_usage"])  # every code unused
+    state = state.replace(extra={**state.extra, "code_usage": dead})
+    indices = jnp.zeros((4, 3), jnp.int32)
+    features = jax.random.normal(jax.random.PRNGKey(1), (4, 3, emb.shape[1]))
+
+    @jax.jit
+    def restart(step):
+        s = state.replace(step=jnp.asarray(step, jnp.int32))
+        return stage.maybe_restart_codes(s, {}, state.params, indices, features,
+                                         jax.random.PRNGKey(2))
+
+    params, _, n = restart(every - 1)  # step + 1 == every: due
+    new = np.asarray(params["quantizer"]["embedding"])
+    assert int(n) == k - 1  # code 0 is this batch's only code, so it is alive
+    np.testing.assert_array_equal(new[0], np.asarray(emb[0]))
+    scale = float(jnp.mean(jnp.linalg.norm(emb, axis=-1)))
+    rows = np.asarray(features).reshape(-1, emb.shape[1]) * scale
+    assert all(np.isclose(rows, r, rtol=1e-5).all(-1).any() for r in new[1:])
+    params, _, n = restart(every)  # not due
+    assert int(n) == 0
+    np.testing.assert_array_equal(np.asarray(params["quantizer"]["embedding"]), np.asarray(emb))
