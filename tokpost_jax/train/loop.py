@@ -29,6 +29,7 @@ from tokpost_jax import files, workdir_lock
 from tokpost_jax import images as images_lib
 from tokpost_jax import sharding as shd
 from tokpost_jax.files import DiskFullError
+from tokpost_jax.train import mfu as mfu_lib
 from tokpost_jax.train.state import TrainState
 
 
@@ -345,7 +346,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stag
 
             batch_sharding, repl = sharded.batch_sharding, sharded.replicated
             frozen = jax.device_put(stage.frozen_params(), repl)
-            step_fn = sharded.step
+            compiled_step = None  # compiled at the first batch: its cost analysis gives MFU
+            step_flops = None
             base_rng = jax.device_put(base_rng, repl)
 
             report = periodic_actions.ReportProgress(
@@ -393,7 +395,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stag
             for step in range(start_step + 1, total_steps + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     batch = shd.host_to_global(next(train_iter), batch_sharding)
-                    state, metrics = step_fn(state, batch, base_rng, frozen)
+                    if compiled_step is None:
+                        lowered = sharded.step.lower(state, batch, base_rng, frozen)
+                        compiled_step = lowered.compile()
+                        step_flops = mfu_lib.compiled_flops(compiled_step)
+                    state, metrics = compiled_step(state, batch, base_rng, frozen)
                 # Check the previous step after dispatching this one: keeps the device busy.
                 if pending is not None:
                     check_finite(*pending)
@@ -411,6 +417,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, stage_cls: type[Stag
                     scalars["img_per_sec"] = rate
                     scalars["eta_min"] = (total_steps - step) * config.batch_size / rate / 60
                     scalars.update(stage.throughput_scalars(rate))
+                    scalars.update(mfu_lib.step_scalars(step_flops, rate / config.batch_size))
                     writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                     writer.flush()  # a failed background write (full disk) surfaces here, now
                     logging.info(

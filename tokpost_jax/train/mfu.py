@@ -34,3 +34,26 @@ def mfu(flops_per_second: float, devices: list[jax.Device] | None = None) -> flo
     devices = jax.devices() if devices is None else devices
     peak = peak_tflops(devices[0])
     return None if peak is None else flops_per_second / (peak * 1e12 * len(devices))
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
+    """FLOPs of one call of a compiled (SPMD, per-device) program from XLA's cost analysis, or
+    None when the backend reports none."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return flops if flops > 0 else None
+
+
+def step_scalars(flops_per_step: float | None, steps_per_second: float) -> dict[str, float]:
+    """Per-device TFLOP/s achieved by a step of ``flops_per_step`` (per device, as compiled)
+    and, where the device's peak is known, MFU. XLA counts every FLOP the compiled step runs
+    (rematerialised ones included), so this is MFU by the compiled program's count."""
+    if flops_per_step is None:
+        return {}
+    achieved = flops_per_step * steps_per_second
+    out = {"tflops_per_device": achieved / 1e12}
+    peak = peak_tflops(jax.devices()[0])
+    if peak is not None:
+        out["mfu"] = achieved / (peak * 1e12)
+    return out
