@@ -87,6 +87,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
             # Rematerialisation of the blocks (models/remat.py): "none", "full" or "dots" (keep
             # the Dense outputs, recompute attention and the elementwise ops).
             remat="none",
+            # Random bits per dropout-mask element (models/dropout.py): 32 is flax's nn.Dropout
+            # (one threefry word per element); 8 or 16 pack 4 or 2 masks into a word, with the
+            # keep probability rounded to t / 2**bits (rate 0.1 → 0.1016 at 8 bits).
+            dropout_bits=32,
             size=config_lib.rar({"rar_b": "B", "rar_l": "L", "micro": "micro"}.get(arg, "tiny")),
         )
     )

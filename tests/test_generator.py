@@ -97,7 +97,7 @@ def test_kv_cache_matches_full_forward(micro):
     assert full.shape == (3, N, K) and full.dtype == jnp.float32
     step = jax.jit(lambda c, t, i: gen.decode_step(model, variables, c, t, i))
     logits, cache = jax.jit(lambda y: gen.prefill(model, variables, y))(labels)
-    assert cache.keys[0].shape == (3, N + 2, model.num_heads, model.width // model.num_heads)
+    assert cache.keys[0].shape == (3, model.num_heads, N + 2, model.width // model.num_heads)
     cached = [logits]
     for j in range(N - 1):
         logits, cache = step(cache, tokens[:, j], j)

@@ -892,6 +892,7 @@ GENERATOR_RULES: tuple[Any, ...] = (
     *vit_rules("model.size"),
     number("model.size.dropout", lo=0, below=1),
     number("model.size.attn_dropout", lo=0, below=1),
+    one_of("model.dropout_bits", (8, 16, 32)),
     Within("tokenizer", (*TOKENIZER_MODEL_RULES, Within("data", data_rules()))),
     one_of("tokenizer_params_key", PARAMS_KEYS),
     number("label_dropout", lo=0, hi=1),
