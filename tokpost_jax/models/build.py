@@ -177,7 +177,7 @@ def generator(config: ml_collections.ConfigDict) -> RAR:
             tuple(int(k) for k in tok.layout.scale_of_token()) if m.get("scale_embed") else ()
         ),
         remat=m.get("remat", "none"),
-        dropout_bits=m.get("dropout_bits", 32),
+        dropout_bits=m.get("dropout_bits", 32),  # runs configured before the field: flax's
     )
 
 
