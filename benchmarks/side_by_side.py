@@ -165,6 +165,8 @@ def jax_rows(names: list[str]) -> dict[str, tuple[Callable[[], Any], int, int]]:
         t = TOKENIZER_SIZE
         cfg = bench_config("configs/tokenizer.py:demo", t["batch"], {
             "data.image_size": t["image_size"], "model.patch_size": t["patch_size"],
+            # The official ViTs are timm's DINOv2 blocks, with LayerScale (init 1e-5).
+            "model.encoder.layerscale_init": 1e-5, "model.decoder.layerscale_init": 1e-5,
             "gan.enabled": False, "loss.lpips_weight": 0.0, "semantic.teacher_weights": None,
             "perturbation.alpha0": t["alpha"], "perturbation.beta": t["beta"],
             "perturbation.delta0": t["delta"],
