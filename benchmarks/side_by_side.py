@@ -94,8 +94,11 @@ class TorchWorker:
         self.proc.wait()
 
 
-def _stage_step(stage: Any, mesh: Any, rules: Any, batch: dict) -> tuple[Callable[[], Any], int]:
-    """The stage's compiled train step on a fixed batch, state carried (donated) across calls."""
+def compiled_stage_step(
+    stage: Any, mesh: Any, rules: Any, batch: dict
+) -> tuple[Callable[[], Any], int, Any]:
+    """The stage's compiled train step on a fixed batch, state carried (donated) across calls;
+    returns (one step, parameter count, the compiled executable)."""
     sharded = ShardedStage.build(stage, mesh, rules)
     state = [sharded.init(jax.random.PRNGKey(0))]
     frozen = jax.device_put(stage.frozen_params(), sharded.replicated)
@@ -108,14 +111,15 @@ def _stage_step(stage: Any, mesh: Any, rules: Any, batch: dict) -> tuple[Callabl
         state[0], metrics = compiled(state[0], data, key, frozen)
         return metrics
 
-    return run, count
+    return run, count, compiled
 
 
 def rar_train(
     mesh: Any, overrides: dict[str, Any] | None = None
-) -> tuple[Callable[[], Any], int, GeneratorStage]:
+) -> tuple[Callable[[], Any], int, GeneratorStage, Any]:
     """GeneratorStage's train step at RAR_SIZE, batch 32, random orders (``overrides``: dotted
-    config keys, e.g. ``{"model.dropout_bits": 8}``); returns (step, parameter count, stage)."""
+    config keys, e.g. ``{"model.dropout_bits": 8}``); returns (step, parameter count, stage,
+    the compiled executable)."""
     cfg = bench_config("configs/rar.py:demo", 32, {
         "tokenizer.model.num_latent_tokens": RAR_SIZE["num_tokens"],
         "tokenizer.model.codebook_size": RAR_SIZE["codebook_size"],
@@ -132,8 +136,8 @@ def rar_train(
     batch = {"tokens": rng.integers(0, RAR_SIZE["codebook_size"], (32, n), np.int32),
              "label": (np.arange(32) % RAR_SIZE["num_classes"]).astype(np.int32)}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        run, count = _stage_step(stage, mesh, rules, batch)
-    return run, count, stage
+        run, count, compiled = compiled_stage_step(stage, mesh, rules, batch)
+    return run, count, stage, compiled
 
 
 def jax_rows(names: list[str]) -> dict[str, tuple[Callable[[], Any], int, int]]:
@@ -143,7 +147,7 @@ def jax_rows(names: list[str]) -> dict[str, tuple[Callable[[], Any], int, int]]:
     rng = np.random.default_rng(0)
     rar_names = [n for n in names if n.startswith("rar")]
     if rar_names:
-        run, count, stage = rar_train(mesh)
+        run, count, stage, _ = rar_train(mesh)
         with jax.set_mesh(mesh):
             if "rar_train" in names:
                 out["rar_train"] = (run, count, 32)
@@ -178,7 +182,7 @@ def jax_rows(names: list[str]) -> dict[str, tuple[Callable[[], Any], int, int]]:
         batch = {"image": rng.uniform(-1, 1, (t["batch"], size, size, 3)).astype(np.float32),
                  "label": np.zeros(t["batch"], np.int32)}
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            run, count = _stage_step(stage, mesh, rules, batch)
+            run, count, _ = compiled_stage_step(stage, mesh, rules, batch)
         out["tokenizer_train"] = (run, count, t["batch"])
     return out
 
