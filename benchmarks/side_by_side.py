@@ -20,7 +20,7 @@ Rows (fp32 on CPU; the official code runs as released):
                       perturbation (α 1, β 0.1, δ 12), no LPIPS, no GAN (TokenizerStage)
 
 COMMAND (the torch venv once; torch's CPU wheel, timm without its torchvision dependency):
-  python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy \
+  python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy pillow \
       einops pyyaml && /tmp/torchvenv/bin/pip install --no-deps timm==1.0.9 torchvision==0.28.0
   python benchmarks/side_by_side.py --torch-python=/tmp/torchvenv/bin/python \
       --rar-repo=/path/to/1d-tokenizer --robustok-repo=/path/to/RobusTok
