@@ -27,17 +27,12 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
 
-import flax.linen as nn
 import jax
-import numpy as np
-from bench_config import bench_config
-from side_by_side import compiled_stage_step, rar_train
+from side_by_side import image_stage_step, rar_train
 
 from tokpost_jax import sharding as shd
-from tokpost_jax.train import registry
+from tokpost_jax.train import mfu as mfu_lib
 
 CATEGORIES = ("matmul / conv", "random bits", "transpose / copy", "elementwise / reduce", "other")
 
@@ -87,21 +82,6 @@ def op_events(trace_dir: str) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
 
 
-def image_stage_step(config: str, batch: int) -> tuple[Callable[[], Any], Any]:
-    """The compiled step of the stage ``config.trainer`` names, on a synthetic image batch."""
-    cfg = bench_config(config, batch, {})
-    mesh = shd.make_mesh({"data": -1, "fsdp": 1})
-    rules = shd.rules_tuple(cfg.sharding_rules)
-    stage = registry.stage_class(cfg.trainer)(cfg, 1000, mesh)
-    size = cfg.data.image_size
-    rng = np.random.default_rng(0)
-    host = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-            "label": np.zeros(batch, np.int32)}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        run, _, compiled = compiled_stage_step(stage, mesh, rules, host)
-    return run, compiled
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--row", choices=("rar_train",), help="side_by_side.py's RAR train step")
@@ -115,7 +95,7 @@ def main() -> None:
         mesh = shd.make_mesh({"data": -1, "fsdp": 1})
         run, _, _, compiled = rar_train(mesh)
     else:
-        run, compiled = image_stage_step(args.config, args.batch)
+        run, _, compiled = image_stage_step(args.config, args.batch)
     jax.block_until_ready(run())  # warm-up
     kinds = classify(compiled.as_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,9 +124,7 @@ def main() -> None:
     print("top ops: " + ", ".join(
         f"{op} {1e3 * t:.1f} ms ({kinds.get(op, 'other')})"
         for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:6]))
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    flops = mfu_lib.compiled_flops(compiled) or 0.0
     print(f"compiled FLOPs / step {flops / 1e9:.1f} G → {flops / wall / 1e9:.1f} GFLOP/s achieved")
 
 

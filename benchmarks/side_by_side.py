@@ -47,9 +47,9 @@ from bench_config import bench_config
 
 from tokpost_jax import sharding as shd
 from tokpost_jax.sampling import sample
+from tokpost_jax.train import registry
 from tokpost_jax.train.generator import GeneratorStage
 from tokpost_jax.train.loop import ShardedStage
-from tokpost_jax.train.tokenizer import TokenizerStage
 
 RAR_SIZE = dict(width=256, depth=6, num_heads=8, mlp_dim=1024, num_tokens=64,
                 codebook_size=1024, num_classes=1000)
@@ -140,11 +140,27 @@ def rar_train(
     return run, count, stage, compiled
 
 
+def image_stage_step(
+    config: str, batch: int, overrides: dict[str, Any] | None = None
+) -> tuple[Callable[[], Any], int, Any]:
+    """The compiled step of the stage ``config.trainer`` names (tokenizer, vae, coda, ...) on a
+    synthetic image batch; returns (one step, parameter count, the compiled executable)."""
+    cfg = bench_config(config, batch, overrides or {})
+    mesh = shd.make_mesh({"data": -1, "fsdp": 1})
+    rules = shd.rules_tuple(cfg.sharding_rules)
+    stage = registry.stage_class(cfg.trainer)(cfg, 1000, mesh)
+    size = cfg.data.image_size
+    rng = np.random.default_rng(0)
+    host = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+            "label": np.zeros(batch, np.int32)}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return compiled_stage_step(stage, mesh, rules, host)
+
+
 def jax_rows(names: list[str]) -> dict[str, tuple[Callable[[], Any], int, int]]:
     """row → (callable, parameter count, items per call) for the JAX side."""
     mesh = shd.make_mesh({"data": -1, "fsdp": 1})
     out = {}
-    rng = np.random.default_rng(0)
     rar_names = [n for n in names if n.startswith("rar")]
     if rar_names:
         run, count, stage, _ = rar_train(mesh)
@@ -167,7 +183,7 @@ def jax_rows(names: list[str]) -> dict[str, tuple[Callable[[], Any], int, int]]:
                 out[name] = (draw, count, 16)
     if "tokenizer_train" in names:
         t = TOKENIZER_SIZE
-        cfg = bench_config("configs/tokenizer.py:demo", t["batch"], {
+        run, count, _ = image_stage_step("configs/tokenizer.py:demo", t["batch"], {
             "data.image_size": t["image_size"], "model.patch_size": t["patch_size"],
             # The official ViTs are timm's DINOv2 blocks, with LayerScale (init 1e-5).
             "model.encoder.layerscale_init": 1e-5, "model.decoder.layerscale_init": 1e-5,
@@ -176,13 +192,6 @@ def jax_rows(names: list[str]) -> dict[str, tuple[Callable[[], Any], int, int]]:
             "perturbation.delta0": t["delta"],
             "perturbation.anneal_start": 10**9, "perturbation.anneal_end": 10**9 + 1,
         })
-        rules = shd.rules_tuple(cfg.sharding_rules)
-        stage = TokenizerStage(cfg, 1000, mesh)
-        size = cfg.data.image_size
-        batch = {"image": rng.uniform(-1, 1, (t["batch"], size, size, 3)).astype(np.float32),
-                 "label": np.zeros(t["batch"], np.int32)}
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            run, count, _ = compiled_stage_step(stage, mesh, rules, batch)
         out["tokenizer_train"] = (run, count, t["batch"])
     return out
 
